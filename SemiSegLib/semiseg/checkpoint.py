@@ -1,0 +1,68 @@
+"""Checkpoints: written atomically (temporary file, fsync, rename), holding everything needed to
+segment later (network config and weights, classes, normalisation, patch/slice settings) and, for
+the resumable ``last`` checkpoint, the full training state."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import SemiSegError
+from .networks import build_network
+
+FORMAT = "semiseg-checkpoint"
+VERSION = 1
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    atomic_write_bytes(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (p / name).is_file():
+                p = p / name
+                break
+    if not p.is_file():
+        raise SemiSegError(f"model checkpoint not found: {p}")
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise SemiSegError(f"cannot read checkpoint {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise SemiSegError(f"{p} is not a SemiSeg checkpoint")
+    ckpt["path"] = str(p)
+    return ckpt
+
+
+def network_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
+    cfg = dict(ckpt["network"])
+    net = build_network(cfg.pop("name"), **cfg)
+    net.load_state_dict(ckpt["model"])
+    return net.to(device).eval()

@@ -1,0 +1,172 @@
+"""Typed configuration: every default in one place, presets for the literature's recipes.
+
+Precedence (lowest first): field defaults < dataset preset < the method's recipe for that preset
+< config file (YAML/JSON) < command-line options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import SemiSegError
+
+
+def _h(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = field(default="phantom", metadata=_h("dataset: acdc:PATH, la:PATH, phantom[:N], a folder or a CSV"))
+    labeled: int = field(default=0, metadata=_h("labeled cases: ACDC patients (3 → 68 slices, 7 → 136), LA volumes (first N); 0 = preset default"))
+    val_split: str = field(default="", metadata=_h("validation list file (default: the dataset's own val split)"))
+    test_split: str = field(default="", metadata=_h("test list file or folder (held out; evaluated after training)"))
+    dim: int = field(default=0, metadata=_h("2 = slice-wise 2D network, 3 = 3D patches; 0 = dataset default"))
+    # method and network
+    method: str = field(default="mean_teacher", metadata=_h("training method (see `semiseg methods`)"))
+    preset: str = field(default="", metadata=_h("recipe preset: acdc, la, phantom (default: from the dataset)"))
+    network: str = field(default="", metadata=_h("network: unet (2D) or vnet (3D); empty = by dimension"))
+    upsampling: str = field(default="", metadata=_h("decoder upsampling: unet bilinear|transpose, vnet transpose|trilinear"))
+    # batches and patches
+    patch_size: tuple[int, ...] = field(default=(), metadata=_h("training size: 2D resize target (256 256) or 3D crop (112 112 80)"))
+    labeled_batch: int = field(default=0, metadata=_h("labeled samples per step (ACDC 12, LA 2)"))
+    unlabeled_batch: int = field(default=0, metadata=_h("unlabeled samples per step (ACDC 12, LA 2)"))
+    # optimisation
+    iterations: int = field(default=0, metadata=_h("training iterations (ACDC 30000, LA 15000)"))
+    lr: float = field(default=0.01, metadata=_h("base learning rate (SGD)"))
+    lr_schedule: str = field(default="", metadata=_h("poly, step (×0.1 every lr_step iterations) or constant", choices=["", "poly", "step", "constant"]))
+    lr_step: int = field(default=2500, metadata=_h("step schedule period in iterations"))
+    momentum: float = field(default=0.9, metadata=_h("SGD momentum"))
+    weight_decay: float = field(default=1e-4, metadata=_h("SGD weight decay"))
+    ema_decay: float = field(default=0.99, metadata=_h("EMA teacher decay α (α = min(1 − 1/(it+1), decay))"))
+    # runtime
+    device: str = field(default="auto", metadata=_h("auto, cpu, cuda, cuda:N"))
+    amp: bool = field(default=True, metadata=_h("mixed precision (bf16/fp16) when training on a GPU"))
+    seed: int = field(default=1337, metadata=_h("random seed (lineage default 1337)"))
+    deterministic: bool = field(default=False, metadata=_h("deterministic algorithms (exact resume, slower on GPU)"))
+    threads: int = field(default=0, metadata=_h("CPU threads for torch (0 = torch default)"))
+    # validation, checkpoints, logging
+    val_every: int = field(default=0, metadata=_h("validate every N iterations (0 = never; ACDC 200)"))
+    selection: str = field(default="", metadata=_h("checkpoint reported: final, val (best on validation), test (paper reproduction only)", choices=["", "final", "val", "test"]))
+    checkpoint_every: int = field(default=500, metadata=_h("write the resumable last checkpoint every N iterations"))
+    log_every: int = field(default=10, metadata=_h("progress event every N iterations"))
+    # inference
+    stride: tuple[int, ...] = field(default=(), metadata=_h("3D sliding-window stride (LA 18 18 4)"))
+    resize: str = field(default="nearest", metadata=_h("2D inference resize: nearest (SSL4MIS) or bilinear (UniMatch/AGP: logits upsampled)", choices=["nearest", "bilinear"]))
+    lcc: bool = field(default=False, metadata=_h("keep the largest connected component per class at test time"))
+    empty: str = field(default="zero", metadata=_h("empty-prediction metric convention: zero (SS-Net/BCP) or penalty (ICL)", choices=["zero", "penalty"]))
+    # method hyper-parameters (the method's Options dataclass, as a dict)
+    method_options: dict = field(default_factory=dict, metadata=_h("method hyper-parameters"))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(d) - set(known)
+        if unknown:
+            raise SemiSegError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        vals = {}
+        for k, v in d.items():
+            if isinstance(v, list) and known[k].type.startswith("tuple"):
+                v = tuple(v)
+            vals[k] = v
+        return cls(**vals)
+
+
+# Dataset recipes (METHODS.md §0.3-0.7). The phantom preset is SemiSeg's own: small and fast.
+PRESETS: dict[str, dict[str, Any]] = {
+    "acdc": dict(dim=2, labeled=7, patch_size=(256, 256), labeled_batch=12, unlabeled_batch=12, iterations=30000,
+                 lr_schedule="poly", val_every=200, selection="val", network="unet"),
+    "la": dict(dim=3, labeled=4, patch_size=(112, 112, 80), labeled_batch=2, unlabeled_batch=2, iterations=15000,
+               lr_schedule="step", val_every=0, selection="final", network="vnet", stride=(18, 18, 4)),
+    "phantom": dict(dim=2, labeled=4, patch_size=(96, 96), labeled_batch=4, unlabeled_batch=4, iterations=600,
+                    lr_schedule="poly", lr=0.03, val_every=100, selection="val", network="unet"),
+    "generic3d": dict(dim=3, labeled=0, patch_size=(96, 96, 64), labeled_batch=2, unlabeled_batch=2, iterations=6000,
+                      lr_schedule="poly", val_every=500, selection="val", network="vnet", stride=(32, 32, 16)),
+    "generic2d": dict(dim=2, labeled=0, patch_size=(256, 256), labeled_batch=12, unlabeled_batch=12, iterations=10000,
+                      lr_schedule="poly", val_every=200, selection="val", network="unet"),
+}
+
+
+def preset_for_data(data: str, dim: int = 0) -> str:
+    kind = data.split(":", 1)[0]
+    if kind in ("acdc", "la", "phantom"):
+        return kind
+    return "generic2d" if dim == 2 else "generic3d"
+
+
+def resolve_config(explicit: dict[str, Any], file_values: dict[str, Any] | None = None) -> TrainConfig:
+    """Merge the layers; ``explicit`` holds only what the user set on the command line."""
+    from .methods import get_method
+
+    layered: dict[str, Any] = {}
+    for src in (file_values or {}, explicit):
+        layered.update({k: v for k, v in src.items() if k != "method_options"})
+    data = layered.get("data", TrainConfig.data)
+    preset = layered.get("preset") or preset_for_data(data, layered.get("dim", 0))
+    if preset not in PRESETS:
+        raise SemiSegError(f"unknown preset '{preset}'; available: {', '.join(PRESETS)}")
+    method_cls = get_method(layered.get("method", TrainConfig.method))
+    values: dict[str, Any] = dict(PRESETS[preset])
+    values.update(method_cls.recipe.get(preset, {}))
+    values.update(layered)
+    values["preset"] = preset
+    cfg = TrainConfig.from_dict(values)
+    # method options: method defaults for the preset < file < command line
+    opts = dataclasses.asdict(method_cls.default_options(preset, cfg.dim))
+    for src in (file_values or {}, explicit):
+        given = src.get("method_options") or {}
+        unknown = set(given) - set(opts)
+        if unknown:
+            raise SemiSegError(f"method '{method_cls.name}' has no option(s) {', '.join(sorted(unknown))}")
+        opts.update(given)
+    cfg.method_options = opts
+    if not cfg.network:
+        cfg.network = "unet" if cfg.dim == 2 else "vnet"
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.dim not in (2, 3):
+        raise SemiSegError(f"dim must be 2 or 3, not {cfg.dim}")
+    if len(cfg.patch_size) != cfg.dim:
+        raise SemiSegError(f"patch size {tuple(cfg.patch_size)} does not have {cfg.dim} dimensions")
+    if cfg.dim == 3 and any(p % 16 for p in cfg.patch_size):
+        raise SemiSegError(f"3D patch size {tuple(cfg.patch_size)} must be a multiple of 16 on every axis (V-Net depth)")
+    if cfg.dim == 2 and any(p % 16 for p in cfg.patch_size):
+        raise SemiSegError(f"2D training size {tuple(cfg.patch_size)} must be a multiple of 16 (UNet depth)")
+    if cfg.iterations < 1:
+        raise SemiSegError("iterations must be at least 1")
+    if cfg.labeled_batch < 1:
+        raise SemiSegError("labeled_batch must be at least 1")
+    if cfg.selection not in ("final", "val", "test"):
+        raise SemiSegError(f"selection must be final, val or test, not '{cfg.selection}'")
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SemiSegError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            d = yaml.safe_load(text) or {}
+        else:
+            d = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+        raise SemiSegError(f"cannot parse config file {p}: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise SemiSegError(f"config file {p} must hold a mapping of option names to values")
+    return d

@@ -1,0 +1,309 @@
+"""Datasets named on the command line, resolved into labeled / unlabeled / val / test case lists.
+
+A dataset is named ``acdc:PATH``, ``la:PATH``, ``phantom`` (``phantom:N`` for N training volumes),
+a folder of image/label files, or a CSV (columns ``image``, ``label`` (may be empty), optional
+``split`` in train/val/test). Each case is a lazy reference: nothing is read until training needs
+it, and an unlabeled case carries no label reader at all, so the unlabeled pool's labels are never
+opened (the semi-supervised protocol, METHODS.md §0.1).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import SemiSegError
+from .volume import ClassInfo, Geometry, Volume
+
+ACDC_CLASSES = [ClassInfo(1, "right ventricle", (0.85, 0.35, 0.25)),
+                ClassInfo(2, "myocardium", (0.95, 0.85, 0.45)),
+                ClassInfo(3, "left ventricle", (0.55, 0.25, 0.85))]
+LA_CLASSES = [ClassInfo(1, "left atrium", (0.85, 0.45, 0.35))]
+
+
+@dataclass
+class CaseRef:
+    """A lazily loaded case. ``label_loader`` is None for unlabeled cases."""
+    name: str
+    image_loader: Callable[[], Volume]
+    label_loader: Callable[[], Volume] | None = None
+
+    @property
+    def has_label(self) -> bool:
+        return self.label_loader is not None
+
+    def image(self) -> Volume:
+        return self.image_loader()
+
+    def label(self) -> Volume:
+        if self.label_loader is None:
+            raise SemiSegError(f"case '{self.name}' has no label")
+        return self.label_loader()
+
+
+@dataclass
+class DataSplits:
+    kind: str                      # acdc, la, phantom, files
+    dim: int                       # 2: slice-wise training, 3: patches
+    classes: list[ClassInfo]
+    labeled: list[CaseRef]
+    unlabeled: list[CaseRef]
+    val: list[CaseRef] = field(default_factory=list)
+    test: list[CaseRef] = field(default_factory=list)
+    normalization: str = "none"    # applied to every image before training and inference
+    description: str = ""
+
+    def summary(self) -> str:
+        return (f"{self.kind}: {len(self.labeled)} labeled, {len(self.unlabeled)} unlabeled, "
+                f"{len(self.val)} val, {len(self.test)} test ({self.dim}D, classes: "
+                f"{', '.join(c.name for c in self.classes)})")
+
+
+# ---------------------------------------------------------------------------------------- h5 readers
+def _h5_array(path: Path, key: str) -> np.ndarray:
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            if key not in f:
+                raise SemiSegError(f"{path}: no '{key}' dataset (found: {', '.join(f.keys())})")
+            return f[key][()]
+    except OSError as e:
+        raise SemiSegError(f"cannot read {path}: {e}") from None
+
+
+def read_acdc_h5(path: Path, key: str, name: str) -> Volume:
+    """ACDC files store slices as (H, W) and volumes as (D, H, W); we use (x, y[, z]) = transposed."""
+    a = _h5_array(path, key)
+    a = a.T.copy()  # (H, W) -> (W, H); (D, H, W) -> (W, H, D)
+    return Volume(a.astype(np.float32) if key == "image" else a.astype(np.uint8), Geometry(), name, spacing_known=False)
+
+
+def read_la_h5(path: Path, key: str, name: str) -> Volume:
+    """LA ``mri_norm2.h5`` is already (W, H, D) = (x, y, z); 0.625 mm isotropic (not stored in the file)."""
+    a = _h5_array(path, key)
+    geometry = Geometry(spacing=(0.625, 0.625, 0.625))
+    return Volume(a.astype(np.float32) if key == "image" else a.astype(np.uint8), geometry, name)
+
+
+def _read_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise SemiSegError(f"split list not found: {path}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _first_patients(slice_names: list[str], n_patients: int) -> int:
+    """Number of leading lines of ``train_slices.list`` that belong to its first N patients."""
+    seen: list[str] = []
+    for i, name in enumerate(slice_names):
+        patient = name.split("_")[0]
+        if patient not in seen:
+            if len(seen) == n_patients:
+                return i
+            seen.append(patient)
+    return len(slice_names)
+
+
+def _acdc_volume_refs(root: Path, names: list[str]) -> list[CaseRef]:
+    refs = []
+    for n in names:
+        p = root / "data" / f"{n}.h5"
+        refs.append(CaseRef(n, partial(read_acdc_h5, p, "image", n), partial(read_acdc_h5, p, "label", n)))
+    return refs
+
+
+def _split_refs(split: str | None, default_root: Path, reader) -> list[CaseRef]:
+    """A test/val split given as a list file (names under the dataset) or a folder of .h5 volumes."""
+    if not split:
+        return []
+    p = Path(split)
+    if p.is_dir():
+        files = sorted(p.glob("*.h5")) or sorted(p.glob("*/mri_norm2.h5"))
+        return [CaseRef(f.stem if f.name != "mri_norm2.h5" else f.parent.name,
+                        partial(reader, f, "image", f.stem), partial(reader, f, "label", f.stem)) for f in files]
+    return reader_refs_from_list(_read_list(p), default_root, reader)
+
+
+def reader_refs_from_list(names: list[str], root: Path, reader) -> list[CaseRef]:
+    if reader is read_acdc_h5:
+        return _acdc_volume_refs(root, names)
+    return [_la_ref(root, n, labeled=True) for n in names]
+
+
+def load_acdc(root: Path, labeled: int, val_split: str | None, test_split: str | None) -> DataSplits:
+    if not (root / "train_slices.list").is_file():
+        raise SemiSegError(f"{root} is not an ACDC folder (no train_slices.list); expected the SSL4MIS layout")
+    slices = _read_list(root / "train_slices.list")
+    n_lab = _first_patients(slices, labeled)
+    if n_lab == 0:
+        raise SemiSegError("no labeled case: --labeled must be at least 1 for ACDC")
+
+    def slice_ref(name: str, with_label: bool) -> CaseRef:
+        p = root / "data" / "slices" / f"{name}.h5"
+        return CaseRef(name, partial(read_acdc_h5, p, "image", name),
+                       partial(read_acdc_h5, p, "label", name) if with_label else None)
+
+    val_names = _read_list(Path(val_split)) if val_split else _read_list(root / "val.list")
+    return DataSplits(
+        kind="acdc", dim=2, classes=list(ACDC_CLASSES),
+        labeled=[slice_ref(n, True) for n in slices[:n_lab]],
+        unlabeled=[slice_ref(n, False) for n in slices[n_lab:]],
+        val=_acdc_volume_refs(root, val_names),
+        test=_split_refs(test_split, root, read_acdc_h5),
+        normalization="none",
+        description=f"ACDC {labeled} labeled patients = first {n_lab} slices of train_slices.list")
+
+
+def _la_ref(root: Path, name: str, labeled: bool) -> CaseRef:
+    p = root / "2018LA_Seg_Training Set" / name / "mri_norm2.h5"
+    return CaseRef(name, partial(read_la_h5, p, "image", name), partial(read_la_h5, p, "label", name) if labeled else None)
+
+
+def load_la(root: Path, labeled: int, val_split: str | None, test_split: str | None) -> DataSplits:
+    if not (root / "train.list").is_file():
+        raise SemiSegError(f"{root} is not an LA folder (no train.list); expected the UA-MT layout")
+    names = _read_list(root / "train.list")
+    if labeled < 1:
+        raise SemiSegError("no labeled case: --labeled must be at least 1 for LA")
+    if labeled > len(names):
+        raise SemiSegError(f"--labeled {labeled} exceeds the {len(names)} volumes of {root / 'train.list'}")
+    val = _split_refs(val_split, root, read_la_h5) if val_split else []
+    val_names = {v.name for v in val}
+    return DataSplits(
+        kind="la", dim=3, classes=list(LA_CLASSES),
+        labeled=[_la_ref(root, n, True) for n in names[:labeled]],
+        unlabeled=[_la_ref(root, n, False) for n in names[labeled:] if n not in val_names],
+        val=val, test=_split_refs(test_split, root, read_la_h5), normalization="none",
+        description=f"LA first {labeled} of train.list labeled, {len(names) - labeled} unlabeled")
+
+
+# ---------------------------------------------------------------------------------------- phantom
+def load_phantom(n_train: int, labeled: int, n_val: int = 4, n_test: int = 4, seed: int = 0) -> DataSplits:
+    from .phantom import PHANTOM_CLASSES, make_phantom_case
+
+    cache: dict[int, tuple[Volume, Volume]] = {}
+
+    def case(i: int) -> tuple[Volume, Volume]:
+        if i not in cache:
+            cache[i] = make_phantom_case(i, seed=seed)
+        return cache[i]
+
+    def ref(i: int, with_label: bool) -> CaseRef:
+        name = f"phantom_{i:03d}"
+        return CaseRef(name, lambda: _named(case(i)[0], name),
+                       (lambda: _named(case(i)[1], name)) if with_label else None)
+
+    if not 1 <= labeled <= n_train:
+        raise SemiSegError(f"--labeled {labeled} must be between 1 and the {n_train} phantom training volumes")
+    return DataSplits(
+        kind="phantom", dim=2, classes=list(PHANTOM_CLASSES),
+        labeled=[ref(i, True) for i in range(labeled)],
+        unlabeled=[ref(i, False) for i in range(labeled, n_train)],
+        val=[ref(1000 + i, True) for i in range(n_val)],
+        test=[ref(2000 + i, True) for i in range(n_test)],
+        normalization="zscore",
+        description=f"built-in phantom: {labeled} labeled + {n_train - labeled} unlabeled volumes")
+
+
+def _named(v: Volume, name: str) -> Volume:
+    return Volume(v.array, v.geometry, name, v.spacing_known)
+
+
+# ---------------------------------------------------------------------------------------- files
+IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".mhd", ".nhdr")
+LABEL_MARKERS = (".seg", ".label", "_label", "_seg", "-label", "_labels")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for s in IMAGE_SUFFIXES:
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return path.stem
+
+
+def _file_refs(image: Path, label: Path | None, classes_holder: dict) -> CaseRef:
+    from .io import check_same_grid, read_label, read_volume
+
+    name = _stem(image)
+
+    def load_label() -> Volume:
+        img = read_volume(image)
+        lab, classes = read_label(label, classes_holder.get("classes"))
+        check_same_grid(img, lab, image, label)
+        classes_holder.setdefault("classes", classes)
+        return Volume(lab.array, lab.geometry, name, lab.spacing_known)
+
+    return CaseRef(name, lambda: _named(read_volume(image), name), load_label if label else None)
+
+
+def load_files(spec: str, labeled: int | None, dim: int) -> DataSplits:
+    """A folder (``X.nrrd`` + ``X.seg.nrrd``/``X.label.nrrd``/``X_label.nii.gz``; unpaired images are unlabeled)
+    or a CSV with columns image,label[,split]."""
+    from .io import read_label
+
+    path = Path(spec)
+    rows: list[tuple[Path, Path | None, str]] = []
+    if path.is_file() and path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                if "image" not in r:
+                    raise SemiSegError(f"{path}: the CSV needs an 'image' column")
+                img = (path.parent / r["image"]).resolve()
+                lab = (path.parent / r["label"]).resolve() if r.get("label") else None
+                rows.append((img, lab, (r.get("split") or "train").strip().lower()))
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+        labels = {}
+        images = []
+        for p in files:
+            stem = _stem(p)
+            marker = next((m for m in LABEL_MARKERS if stem.lower().endswith(m)), None)
+            if marker or p.name.lower().endswith(".seg.nrrd"):
+                labels[stem[: -len(marker)] if marker else stem] = p
+            else:
+                images.append(p)
+        rows = [(p, labels.get(_stem(p)), "train") for p in images]
+    else:
+        raise SemiSegError(f"dataset not found: '{spec}' (expected acdc:PATH, la:PATH, phantom, a folder or a .csv)")
+    for img, lab, _ in rows:
+        for p in (img, lab):
+            if p is not None and not p.exists():
+                raise SemiSegError(f"file listed in {spec} not found: {p}")
+    holder: dict = {}
+    train_lab = [r for r in rows if r[1] is not None and r[2] == "train"]
+    if not train_lab:
+        raise SemiSegError(f"no labeled case in {spec}: pair at least one image with a label file")
+    n = len(train_lab) if not labeled else labeled
+    if n > len(train_lab):
+        raise SemiSegError(f"--labeled {n} but only {len(train_lab)} labeled cases in {spec}")
+    # classes come from the first label file, so every case is mapped to the same class table
+    _, classes = read_label(train_lab[0][1])
+    holder["classes"] = classes
+    extra_val = train_lab[n:]  # labeled cases beyond --labeled validate the model instead of idling
+    return DataSplits(
+        kind="files", dim=dim, classes=classes,
+        labeled=[_file_refs(i, l, holder) for i, l, _ in train_lab[:n]],
+        unlabeled=[_file_refs(i, None, holder) for i, l, s in rows if l is None and s == "train"],
+        val=[_file_refs(i, l, holder) for i, l, _ in extra_val] +
+            [_file_refs(i, l, holder) for i, l, s in rows if s == "val" and l is not None],
+        test=[_file_refs(i, l, holder) for i, l, s in rows if s == "test" and l is not None],
+        normalization="zscore", description=f"{spec}: {n} labeled")
+
+
+def load_dataset(spec: str, labeled: int | None = None, val_split: str | None = None,
+                 test_split: str | None = None, dim: int | None = None) -> DataSplits:
+    """Resolve a dataset name into its splits (see the module docstring)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "acdc":
+        return load_acdc(Path(os.path.expanduser(arg)), labeled or 7, val_split, test_split)
+    if kind == "la":
+        return load_la(Path(os.path.expanduser(arg)), labeled or 4, val_split, test_split)
+    if kind == "phantom":
+        n_train = int(arg) if arg else 20
+        return load_phantom(n_train, labeled or 4)
+    return load_files(spec, labeled, dim or 3)

@@ -1,0 +1,127 @@
+"""Tensor transforms: resizing as the literature does it, intensity normalisation, and the training
+augmentations of METHODS.md §0.6, drawn from an explicit ``torch.Generator`` (saved in checkpoints,
+so a resumed run draws the same augmentations)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def zoom_nearest(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Nearest-neighbour resize of the last ``len(size)`` axes, identical to
+    ``scipy.ndimage.zoom(order=0)`` (which maps output index i to input i·(n_in-1)/(n_out-1), rounded)."""
+    out = x
+    nd = len(size)
+    for axis, n_out in enumerate(size):
+        dim = out.dim() - nd + axis
+        n_in = out.shape[dim]
+        if n_in == n_out:
+            continue
+        if n_out == 1:
+            idx = torch.zeros(1, dtype=torch.long, device=x.device)
+        else:
+            # scipy computes in double precision and rounds half up (floor(c + 0.5))
+            c = torch.arange(n_out, dtype=torch.float64, device=x.device) * ((n_in - 1) / (n_out - 1))
+            idx = torch.floor(c + 0.5).long().clamp_(0, n_in - 1)
+        out = out.index_select(dim, idx)
+    return out
+
+
+def resize_image(x: torch.Tensor, size: tuple[int, ...], mode: str) -> torch.Tensor:
+    """``nearest`` (SSL4MIS: scipy zoom order 0) or ``bilinear`` (UniMatch/AGP) resize of (B, C, *S)."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return zoom_nearest(x, size)
+    if mode == "bilinear":
+        return F.interpolate(x, size=size, mode="bilinear" if len(size) == 2 else "trilinear", align_corners=False)
+    raise ValueError(f"unknown resize mode '{mode}' (nearest or bilinear)")
+
+
+def normalize(image: np.ndarray, mode: str) -> np.ndarray:
+    """Per-volume intensity normalisation: ``none`` (pre-normalised benchmark files), ``zscore``, ``minmax``."""
+    image = image.astype(np.float32, copy=False)
+    if mode == "none":
+        return image
+    if mode == "zscore":
+        return (image - image.mean()) / max(float(image.std()), 1e-8)
+    if mode == "minmax":
+        lo, hi = float(image.min()), float(image.max())
+        return (image - lo) / max(hi - lo, 1e-8)
+    raise ValueError(f"unknown normalization '{mode}' (none, zscore, minmax)")
+
+
+# ------------------------------------------------------------------------------------ 2D (ACDC)
+def random_generator_2d(image: torch.Tensor, label: torch.Tensor | None, gen: torch.Generator,
+                        max_angle: int = 20) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SSL4MIS ``RandomGenerator`` on a batch already at training size (B, 1, X, Y), per sample:
+    p=0.5 rot90·k + flip along a random axis; else p=0.5 rotation by an integer angle in
+    [-20, 19] degrees (nearest, same size); else unchanged."""
+    b = image.shape[0]
+    u1 = torch.rand(b, generator=gen)
+    u2 = torch.rand(b, generator=gen)
+    k = torch.randint(0, 4, (b,), generator=gen)
+    axis = torch.randint(0, 2, (b,), generator=gen)
+    angle = torch.randint(-max_angle, max_angle, (b,), generator=gen)
+    image, label = image.clone(), (label.clone() if label is not None else None)
+    rotate = []
+    for i in range(b):
+        if u1[i] > 0.5:
+            image[i] = torch.flip(torch.rot90(image[i], int(k[i]), (1, 2)), (1 + int(axis[i]),))
+            if label is not None:
+                label[i] = torch.flip(torch.rot90(label[i], int(k[i]), (0, 1)), (int(axis[i]),))
+        elif u2[i] > 0.5:
+            rotate.append(i)
+    if rotate:
+        idx = torch.tensor(rotate)
+        image[idx] = rotate_nearest(image[idx], angle[idx].float())
+        if label is not None:
+            label[idx] = rotate_nearest(label[idx].unsqueeze(1).float(), angle[idx].float()).squeeze(1).to(label.dtype)
+    return image, label
+
+
+def rotate_nearest(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, C, X, Y) about the array centre by per-sample angles, nearest, zero fill
+    (scipy.ndimage.rotate(order=0, reshape=False) semantics: pixel centres, same size)."""
+    theta = degrees * math.pi / 180
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    h, w = x.shape[-2:]
+    # affine_grid works in normalised coordinates; rescale so rotation is isotropic in pixels
+    mat = torch.zeros(x.shape[0], 2, 3, dtype=x.dtype, device=x.device)
+    mat[:, 0, 0] = cos
+    mat[:, 0, 1] = -sin * (w - 1) / (h - 1) if h > 1 else 0
+    mat[:, 1, 0] = sin * (h - 1) / (w - 1) if w > 1 else 0
+    mat[:, 1, 1] = cos
+    grid = F.affine_grid(mat.to(x.device), list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=True)
+
+
+# ------------------------------------------------------------------------------------ 3D (LA)
+def random_rot_flip_3d(image: torch.Tensor, label: torch.Tensor | None, gen: torch.Generator):
+    """UA-MT ``RandomRotFlip`` on one (X, Y, Z) volume: rot90·k in the x-y plane, then flip along x or y."""
+    k = int(torch.randint(0, 4, (1,), generator=gen))
+    axis = int(torch.randint(0, 2, (1,), generator=gen))
+    image = torch.flip(torch.rot90(image, k, (0, 1)), (axis,))
+    if label is not None:
+        label = torch.flip(torch.rot90(label, k, (0, 1)), (axis,))
+    return image, label
+
+
+def random_crop_3d(image: torch.Tensor, label: torch.Tensor | None, patch: tuple[int, int, int],
+                   gen: torch.Generator):
+    """UA-MT ``RandomCrop``: when any side is not larger than the patch, pad every axis by
+    ``max((P - S) // 2 + 3, 0)`` on both sides (zeros), then crop at a uniform random offset."""
+    if any(s <= p for s, p in zip(image.shape, patch)):
+        pads = [max((p - s) // 2 + 3, 0) for s, p in zip(image.shape, patch)]
+        spec = []
+        for p in reversed(pads):
+            spec += [p, p]
+        image = F.pad(image, spec)
+        if label is not None:
+            label = F.pad(label, spec)
+    starts = [int(torch.randint(0, s - p + 1, (1,), generator=gen)) for s, p in zip(image.shape, patch)]
+    sl = tuple(slice(st, st + p) for st, p in zip(starts, patch))
+    return image[sl], (label[sl] if label is not None else None)

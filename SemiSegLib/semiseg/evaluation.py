@@ -1,0 +1,63 @@
+"""Evaluate a network on labeled cases: per case and per class Dice, Jaccard, HD95, ASD (voxels and,
+where the spacing is known, mm), and the mean over classes (BENCHMARK.md protocol)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data.datasets import CaseRef
+from .inference import predict_volume
+from .metrics import binary_metrics, dice_per_class_fast
+
+METRIC_NAMES = ("dice", "jaccard", "hd95", "asd")
+
+
+@dataclass
+class CaseResult:
+    case: str
+    per_class: dict[str, dict[str, float]]  # class name -> metric -> value
+
+    def mean(self, metric: str) -> float:
+        return float(np.mean([m[metric] for m in self.per_class.values()]))
+
+
+def evaluate_cases(net: torch.nn.Module, refs: list[CaseRef], meta: dict, full: bool = True,
+                   empty: str = "zero", lcc: bool | None = None, half: bool = True) -> list[CaseResult]:
+    """Predict every case and score it. ``full=False`` computes Dice only (fast, for validation)."""
+    results = []
+    was_training = net.training
+    net.eval()
+    try:
+        for ref in refs:
+            image, label = ref.image(), ref.label()
+            pred = predict_volume(net, image.array, meta, lcc=lcc, half=half)
+            per_class = {}
+            values = [c["value"] for c in meta["classes"]]
+            if not full:
+                dice = dice_per_class_fast(pred, label.array, values)
+                per_class = {c["name"]: {"dice": dice[c["value"]]} for c in meta["classes"]}
+            else:
+                for c in meta["classes"]:
+                    p, r = pred == c["value"], label.array == c["value"]
+                    m = binary_metrics(p, r, None, empty)
+                    if image.spacing_known:
+                        mm = binary_metrics(p, r, image.geometry.spacing[:p.ndim], empty)
+                        m.update(hd95_mm=mm["hd95"], asd_mm=mm["asd"])
+                    per_class[c["name"]] = m
+            results.append(CaseResult(ref.name, per_class))
+    finally:
+        net.train(was_training)
+    return results
+
+
+def summarize(results: list[CaseResult]) -> dict:
+    """Mean over cases per class and metric, and the mean over classes ("Avg" in the papers)."""
+    if not results:
+        return {}
+    classes = list(results[0].per_class)
+    metrics = list(results[0].per_class[classes[0]])
+    per_class = {c: {m: float(np.mean([r.per_class[c][m] for r in results])) for m in metrics} for c in classes}
+    mean = {m: float(np.mean([per_class[c][m] for c in classes])) for m in metrics}
+    return {"mean": mean, "per_class": per_class, "cases": len(results)}

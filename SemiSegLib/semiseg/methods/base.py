@@ -1,0 +1,65 @@
+"""The method interface. A method is a small module over the shared training loop: it owns its
+networks' extra parts and its losses; the loop owns optimisation, EMA, AMP, checkpoints, logging.
+
+To add a method: one file in this folder with a ``Method`` subclass decorated with
+``@register_method("name")``, an ``Options`` dataclass (every hyper-parameter, paper defaults,
+``metadata={"help": ...}``), optional per-preset option values in ``option_presets`` and training
+recipe changes in ``recipe``. Nothing in the loop changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..data.pipeline import Batch
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the run."""
+    dim: int                 # 2 or 3
+    num_classes: int         # including background
+    iterations: int          # total training iterations
+    preset: str              # acdc, la, phantom
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Method(nn.Module):
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    # option values that differ per preset (dataset recipe), e.g. {"la": {"rampup_iterations": 6000}}
+    option_presets: ClassVar[dict[str, dict]] = {}
+    # training-recipe fields (TrainConfig) that differ per preset for this method
+    recipe: ClassVar[dict[str, dict]] = {}
+    uses_teacher: ClassVar[bool] = False     # the loop builds and EMA-updates ``self.teacher``
+    uses_unlabeled: ClassVar[bool] = True    # False: batches carry no unlabeled stream
+
+    def __init__(self, student: nn.Module, options, ctx: MethodContext):
+        super().__init__()
+        self.student = student
+        self.options = options
+        self.ctx = ctx
+        self.teacher: nn.Module | None = None
+
+    def losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """Return the loss terms of one step; key ``loss`` is the total that is optimised.
+        Other entries (detached or not) are logged."""
+        raise NotImplementedError
+
+    def inference_network(self) -> nn.Module:
+        """The plain network saved for ``semiseg segment`` (training-only parts excluded)."""
+        return self.student
+
+    @classmethod
+    def default_options(cls, preset: str, dim: int):
+        values = dict(cls.option_presets.get(preset, {}))
+        values.update(cls.option_presets.get(f"{dim}d", {}) if preset not in cls.option_presets else {})
+        return cls.Options(**values)

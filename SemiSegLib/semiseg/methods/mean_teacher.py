@@ -1,0 +1,60 @@
+"""Mean Teacher (Tarvainen & Valpola 2017) as in SSL4MIS / UA-MT (METHODS.md §6.2).
+
+``L = sup(labeled) + λ(t)·mean((softmax s_u − softmax t_u)²)``, the EMA teacher seeing the unlabeled
+batch plus clamped Gaussian noise; λ(t) = weight·sigmoid_rampup(it // 150, R).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..schedules import consistency_weight
+from . import register_method
+from .base import Method
+from .common import SupervisedOptions, labeled_loss, teacher_noise
+
+
+@dataclass
+class Options(SupervisedOptions):
+    consistency: float = field(default=0.1, metadata={"help": "maximum consistency weight λ"})
+    rampup_iterations: int = field(default=30000, metadata={
+        "help": "sigmoid ramp-up length in iterations (lineage: R·150; ACDC R=200 → 30000, LA R=40 → 6000)"})
+    consistency_delay: int = field(default=1000, metadata={
+        "help": "consistency forced to 0 before this iteration (SSL4MIS 2D: 1000; 3D: 0)"})
+    noise_std: float = field(default=0.1, metadata={"help": "teacher input noise std"})
+    noise_clip: float = field(default=0.2, metadata={"help": "teacher input noise clamp"})
+
+
+PRESETS = {
+    "acdc": {},
+    "la": {"rampup_iterations": 6000, "consistency_delay": 0},
+    "3d": {"rampup_iterations": 6000, "consistency_delay": 0},
+    "phantom": {"rampup_iterations": 200, "consistency_delay": 50},
+}
+
+
+@register_method("mean_teacher")
+class MeanTeacher(Method):
+    description = "Mean Teacher: EMA teacher, MSE consistency on noisy unlabeled inputs."
+    Options = Options
+    option_presets = PRESETS
+    uses_teacher = True
+
+    def teacher_probs(self, u: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.softmax(self.teacher(u + teacher_noise(u, self.options.noise_std, self.options.noise_clip)).float(), 1)
+
+    def weight(self, step: int) -> float:
+        o = self.options
+        return 0.0 if step < o.consistency_delay else consistency_weight(step, o.consistency, o.rampup_iterations)
+
+    def losses(self, batch, step):
+        logits = self.student(batch.image)
+        nl = batch.n_labeled
+        sup = labeled_loss(logits[:nl], batch.labeled_label, self.options, self.ctx.dim)
+        target = self.teacher_probs(batch.unlabeled_image)
+        cons = ((torch.softmax(logits[nl:].float(), 1) - target) ** 2).mean()
+        w = self.weight(step)
+        return {"loss": sup + w * cons, "sup": sup.detach(), "consistency": cons.detach(),
+                "consistency_weight": torch.tensor(w)}

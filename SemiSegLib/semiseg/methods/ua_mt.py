@@ -1,0 +1,71 @@
+"""UA-MT, uncertainty-aware Mean Teacher (Yu et al., MICCAI 2019), METHODS.md §6.3.
+
+The teacher's epistemic uncertainty from T stochastic passes (dropout on, fresh input noise each,
+run as T/2 passes of the doubled batch) masks the consistency to voxels with entropy below
+``H(t) = (0.75 + 0.25·sigmoid_rampup(it, max_it))·ln 2``; consistency = Σ m·(s − t)² / (2·Σ m + 1e-16).
+The ln 2 and the "2" are kept for every class count, as in the code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..schedules import sigmoid_rampup
+from . import register_method
+from .mean_teacher import PRESETS as MT_PRESETS, MeanTeacher, Options as MTOptions
+from .common import labeled_loss, teacher_noise
+
+
+@dataclass
+class Options(MTOptions):
+    mc_passes: int = field(default=8, metadata={"help": "T, stochastic teacher passes for the uncertainty (even)"})
+    threshold_base: float = field(default=0.75, metadata={"help": "uncertainty threshold start, as a fraction of ln 2"})
+
+
+def uncertainty_threshold(step: int, iterations: int, base: float = 0.75) -> float:
+    return (base + (1 - base) * sigmoid_rampup(step, iterations)) * math.log(2)
+
+
+def masked_consistency(student_probs: torch.Tensor, teacher_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """UA-MT: ``Σ m·(s − t)² / (2·Σ m + 1e-16)`` with m (B, 1, *S) broadcast over channels."""
+    dist = (student_probs - teacher_probs) ** 2
+    return (mask * dist).sum() / (2 * mask.sum() + 1e-16)
+
+
+def predictive_entropy(probs_t: torch.Tensor) -> torch.Tensor:
+    """(T, B, C, *S) softmax samples -> (B, 1, *S) entropy of the mean, ``-Σ p̄ log(p̄ + 1e-6)``."""
+    mean = probs_t.mean(0)
+    return -(mean * torch.log(mean + 1e-6)).sum(1, keepdim=True)
+
+
+@register_method("ua_mt")
+class UAMT(MeanTeacher):
+    description = "UA-MT: Mean Teacher with consistency only where the teacher's MC-dropout entropy is low."
+    Options = Options
+    option_presets = MT_PRESETS
+
+    def mc_probs(self, u: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        doubled = u.repeat(2, *([1] * (u.dim() - 1)))
+        outs = []
+        with torch.no_grad():
+            for _ in range(o.mc_passes // 2):
+                outs.append(torch.softmax(self.teacher(doubled + teacher_noise(doubled, o.noise_std, o.noise_clip)).float(), 1))
+        b = u.shape[0]
+        return torch.cat(outs).reshape(o.mc_passes, b, *outs[0].shape[1:])
+
+    def losses(self, batch, step):
+        o = self.options
+        logits = self.student(batch.image)
+        nl = batch.n_labeled
+        sup = labeled_loss(logits[:nl], batch.labeled_label, o, self.ctx.dim)
+        u = batch.unlabeled_image
+        target = self.teacher_probs(u)
+        uncertainty = predictive_entropy(self.mc_probs(u))
+        mask = (uncertainty < uncertainty_threshold(step, self.ctx.iterations, o.threshold_base)).float()
+        cons = masked_consistency(torch.softmax(logits[nl:].float(), 1), target, mask)
+        w = self.weight(step)
+        return {"loss": sup + w * cons, "sup": sup.detach(), "consistency": cons.detach(),
+                "consistency_weight": torch.tensor(w), "certain_fraction": mask.mean().detach()}

@@ -1,0 +1,48 @@
+"""Network registry: one module per network, registered by name (``build_network("unet", ...)``).
+
+Every network maps ``(B, in_channels, *spatial)`` to logits ``(B, num_classes, *spatial)`` and
+exposes ``encode`` / ``decode`` so methods can tap or perturb features:
+``forward(x, return_features=True)`` returns ``(logits, Features)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import SemiSegError
+
+NETWORKS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_network(name: str):
+    def wrap(cls):
+        NETWORKS[name] = cls
+        return cls
+    return wrap
+
+
+@dataclass
+class Features:
+    encoder: list[torch.Tensor] = field(default_factory=list)  # shallow to deep
+    decoder: list[torch.Tensor] = field(default_factory=list)  # deep to shallow, last = embedding
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """Last decoder feature before the output convolution (SS-Net's "embedding")."""
+        return self.decoder[-1]
+
+
+def build_network(name: str, **kwargs) -> nn.Module:
+    if name not in NETWORKS:
+        raise SemiSegError(f"unknown network '{name}'; available: {', '.join(sorted(NETWORKS))}")
+    return NETWORKS[name](**kwargs)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+from . import unet2d, vnet3d  # noqa: E402,F401  (registration side effect)

@@ -1,0 +1,76 @@
+"""2D UNet of the SSL4MIS lineage (about 1.8 M parameters), METHODS.md §0.2.
+
+Upsampling variants (not numerically interchangeable, stored with the checkpoint):
+- ``transpose`` (A): ConvTranspose2d k2 s2 — SSL4MIS ``UNet``, UniMatch/AGP, ICL.
+- ``bilinear`` (B): 1x1 conv then bilinear x2 with align_corners=True — SS-Net, BCP.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import Features, register_network
+
+
+class ConvBlock(nn.Sequential):
+    def __init__(self, cin: int, cout: int, dropout: float):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.01),
+            nn.Dropout(dropout),
+            nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.01),
+        )
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin: int, cskip: int, cout: int, upsampling: str):
+        super().__init__()
+        if upsampling == "transpose":
+            self.up = nn.ConvTranspose2d(cin, cskip, kernel_size=2, stride=2)
+        elif upsampling == "bilinear":
+            self.up = nn.Sequential(nn.Conv2d(cin, cskip, 1),
+                                    nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True))
+        else:
+            raise ValueError(f"unknown UNet upsampling '{upsampling}' (transpose or bilinear)")
+        self.conv = ConvBlock(2 * cskip, cout, 0.0)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+
+
+@register_network("unet")
+class UNet2D(nn.Module):
+    dim = 2
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 4, upsampling: str = "transpose",
+                 channels: tuple[int, ...] = (16, 32, 64, 128, 256),
+                 dropout: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)):
+        super().__init__()
+        self.config = {"name": "unet", "in_channels": in_channels, "num_classes": num_classes,
+                       "upsampling": upsampling, "channels": list(channels), "dropout": list(dropout)}
+        self.num_classes = num_classes
+        self.encoder = nn.ModuleList([ConvBlock(in_channels, channels[0], dropout[0])])
+        for i in range(1, len(channels)):
+            self.encoder.append(nn.Sequential(nn.MaxPool2d(2), ConvBlock(channels[i - 1], channels[i], dropout[i])))
+        self.decoder = nn.ModuleList(
+            UpBlock(channels[i], channels[i - 1], channels[i - 1], upsampling)
+            for i in range(len(channels) - 1, 0, -1))
+        self.out_conv = nn.Conv2d(channels[0], num_classes, 3, padding=1)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for block in self.encoder:
+            x = block(x)
+            feats.append(x)
+        return feats
+
+    def decode(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, decoded = feats[-1], []
+        for block, skip in zip(self.decoder, reversed(feats[:-1])):
+            x = block(x, skip)
+            decoded.append(x)
+        return self.out_conv(x), decoded
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        enc = self.encode(x)
+        logits, dec = self.decode(enc)
+        return (logits, Features(enc, dec)) if return_features else logits

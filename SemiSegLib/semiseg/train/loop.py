@@ -1,0 +1,296 @@
+"""The one training loop shared by every method.
+
+It owns what methods must not care about: device and precision, seeding, the optimiser and lr
+schedule, the EMA teacher, validation and checkpoint selection, atomic checkpoints and exact resume,
+progress events, cancellation and clear errors. A method only returns its loss terms.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from ..config import TrainConfig
+from ..data.datasets import DataSplits, load_dataset
+from ..data.pipeline import BatchSource
+from ..errors import CancelledError, SemiSegError
+from ..evaluation import evaluate_cases, summarize
+from ..methods import MethodContext, get_method
+from ..networks import build_network
+from ..schedules import ema_decay, learning_rate
+
+EventHandler = Callable[[dict], None]
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SemiSegError(f"device '{name}' requested but CUDA is not available "
+                               f"(torch {torch.__version__}; use --device cpu or install a CUDA build of torch)")
+        idx = int(name.split(":")[1]) if ":" in name else 0
+        if idx >= torch.cuda.device_count():
+            raise SemiSegError(f"device '{name}' requested but only {torch.cuda.device_count()} GPU(s) are visible")
+    elif name != "cpu":
+        raise SemiSegError(f"unknown device '{name}' (auto, cpu, cuda, cuda:N)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
+    """θ_t ← α θ_t + (1 − α) θ_s over the parameters (SSL4MIS ``update_ema_variables``), one fused call."""
+    t = [p for p in teacher.parameters()]
+    s = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t, alpha)
+    torch._foreach_add_(t, s, alpha=1 - alpha)
+
+
+class Trainer:
+    """Train ``cfg.method`` on ``cfg.data`` into ``out_dir`` (config.json, best.pt, last.pt,
+    progress.jsonl, metrics.json)."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, data: DataSplits | None = None,
+                 on_event: EventHandler | None = None, should_stop: Callable[[], bool] | None = None):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.data = data
+        self.on_event = on_event
+        self.should_stop = should_stop or (lambda: False)
+
+    # ------------------------------------------------------------------------------ events
+    def emit(self, event: str, **fields) -> None:
+        rec = {"event": event, "time": round(time.time(), 3), **fields}
+        with open(self.out / "progress.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.on_event:
+            self.on_event(rec)
+
+    # ------------------------------------------------------------------------------ set-up
+    def _setup(self):
+        cfg = self.cfg
+        self.device = select_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed, cfg.deterministic)
+        data = self.data or load_dataset(cfg.data, cfg.labeled, cfg.val_split or None, cfg.test_split or None, cfg.dim)
+        self.data = data
+        method_cls = get_method(cfg.method)
+        if method_cls.uses_unlabeled and not data.unlabeled:
+            raise SemiSegError(f"method '{cfg.method}' needs unlabeled images but {cfg.data} has none "
+                               "(add unlabeled volumes or use --method supervised)")
+        if cfg.selection == "val" and not data.val:
+            cfg.selection = "final"  # nothing to select on: say so in the config and events
+        num_classes = len(data.classes) + 1
+        net_kwargs = {"in_channels": 1, "num_classes": num_classes}
+        if cfg.upsampling:
+            net_kwargs["upsampling"] = cfg.upsampling
+        net = build_network(cfg.network, **net_kwargs)
+        if getattr(net, "dim", cfg.dim) != cfg.dim:
+            raise SemiSegError(f"network '{cfg.network}' is {net.dim}D but the run is {cfg.dim}D")
+        ctx = MethodContext(dim=cfg.dim, num_classes=num_classes, iterations=cfg.iterations, preset=cfg.preset)
+        self.method = method_cls(net, method_cls.Options(**cfg.method_options), ctx).to(self.device)
+        if method_cls.uses_teacher:
+            teacher = copy.deepcopy(self.method.student)
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            self.method.teacher = teacher
+        self.method.train()
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.source = BatchSource(data.labeled, data.unlabeled if method_cls.uses_unlabeled else [], cfg.dim,
+                                  tuple(cfg.patch_size), data.normalization, cfg.labeled_batch,
+                                  cfg.unlabeled_batch if method_cls.uses_unlabeled else 0, cfg.seed, self.device)
+        self.meta = {
+            "dim": cfg.dim, "patch_size": list(cfg.patch_size), "stride": list(cfg.stride or cfg.patch_size),
+            "resize": cfg.resize, "normalization": data.normalization, "lcc": cfg.lcc,
+            "classes": [c.to_dict() for c in data.classes], "method": cfg.method, "dataset": data.kind,
+        }
+        self.amp_dtype = None
+        if cfg.amp and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _model_payload(self, step: int, metrics: dict) -> dict:
+        net = self.method.inference_network()
+        return {"network": dict(net.config), "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                "meta": self.meta, "config": self.cfg.to_dict(), "iteration": step, "metrics": metrics}
+
+    def _save_last(self, step: int) -> None:
+        payload = self._model_payload(step, {"best_val_dice": self.best, "best_iteration": self.best_step})
+        payload["training"] = {
+            "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "source": self.source.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "step": step, "best": self.best, "best_step": self.best_step, "elapsed": self.elapsed,
+        }
+        save_checkpoint(self.out / "last.pt", payload)
+        self.emit("checkpoint", kind="last", iteration=step, path=str(self.out / "last.pt"))
+
+    def _resume(self) -> int:
+        path = self.out / "last.pt"
+        if not path.is_file():
+            raise SemiSegError(f"--resume: no checkpoint to resume from in {self.out}")
+        ckpt = load_checkpoint(path, map_location=self.device)
+        tr = ckpt.get("training")
+        if tr is None:
+            raise SemiSegError(f"{path} holds no training state")
+        if ckpt["config"].get("method") != self.cfg.method:
+            raise SemiSegError(f"{path} was trained with method '{ckpt['config'].get('method')}', not '{self.cfg.method}'")
+        self.method.load_state_dict(tr["method"])
+        self.optimizer.load_state_dict(tr["optimizer"])
+        self.scaler.load_state_dict(tr["scaler"])
+        self.source.load_state_dict(tr["source"])
+        torch.set_rng_state(tr["torch_rng"].cpu())
+        if tr.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in tr["cuda_rng"]])
+        self.best, self.best_step, self.elapsed = tr["best"], tr["best_step"], tr.get("elapsed", 0.0)
+        return int(tr["step"])
+
+    # ------------------------------------------------------------------------------ validation
+    def _validate(self, step: int) -> float:
+        net = self.method.inference_network()
+        res = evaluate_cases(net, self.data.val, self.meta, full=False, empty=self.cfg.empty,
+                             half=self.amp_dtype is not None)
+        s = summarize(res)
+        dice = s["mean"]["dice"]
+        improved = dice > self.best
+        if improved and self.cfg.selection == "val":
+            self.best, self.best_step = dice, step
+            save_checkpoint(self.out / "best.pt", self._model_payload(step, {"val_dice": dice}))
+        self.emit("validation", iteration=step, dice=dice, best=improved, best_dice=self.best,
+                  dice_per_class={k: v["dice"] for k, v in s["per_class"].items()})
+        return dice
+
+    # ------------------------------------------------------------------------------ main
+    def run(self, resume: bool = False) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._setup()
+        cfg = self.cfg
+        self.best, self.best_step, self.elapsed = -1.0, -1, 0.0
+        self.train_seconds = 0.0  # time in training steps only (no validation, no checkpoints)
+        start = self._resume() if resume else 0
+        if not resume:
+            (self.out / "progress.jsonl").unlink(missing_ok=True)
+        atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        self.emit("started", iteration=start, iterations=cfg.iterations, method=cfg.method, device=str(self.device),
+                  data=self.data.summary(), selection=cfg.selection, run_dir=str(self.out))
+        sums: dict[str, torch.Tensor] = {}
+        n_acc, t_window, last_logged = 0, time.perf_counter(), start
+        t_start = time.perf_counter() - self.elapsed
+        step = start
+        try:
+            for step in range(start, cfg.iterations):
+                if self.should_stop():
+                    self.elapsed = time.perf_counter() - t_start
+                    self._save_last(step)
+                    self.emit("finished", status="cancelled", iteration=step)
+                    raise CancelledError(f"training cancelled at iteration {step}; resume with --resume")
+                lr = learning_rate(step, cfg.lr, cfg.lr_schedule, cfg.iterations, cfg.lr_step)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                batch = self.source.next()
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    terms = self.method.losses(batch, step)
+                loss = terms["loss"]
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if self.method.teacher is not None:
+                    ema_update(self.method.teacher, self.method.student, ema_decay(step, cfg.ema_decay))
+                for k, v in terms.items():  # accumulate on device: no host sync per iteration
+                    v = v.detach().float()
+                    sums[k] = sums[k] + v if k in sums else v
+                n_acc += 1
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.iterations:
+                    means = {k: float(v) / n_acc for k, v in sums.items()}
+                    if not math.isfinite(means["loss"]):
+                        raise SemiSegError(f"the loss became {means['loss']} between iterations {last_logged} and {done}; "
+                                           f"last good checkpoint: {self.out / 'last.pt'} (try a lower --lr)")
+                    now = time.perf_counter()
+                    self.train_seconds += now - t_window
+                    ips = (done - last_logged) / max(now - t_window, 1e-9)
+                    self.emit("iteration", iteration=done, iterations=cfg.iterations, lr=lr, it_per_s=round(ips, 3),
+                              eta_s=round((cfg.iterations - done) / max(ips, 1e-9), 1),
+                              **{k: round(v, 6) for k, v in means.items()})
+                    sums, n_acc, last_logged = {}, 0, done
+                    t_window = now
+                if cfg.val_every and self.data.val and done % cfg.val_every == 0:
+                    t0 = time.perf_counter()
+                    self._validate(done)
+                    t_window += time.perf_counter() - t0  # validation time is not training speed
+                if done % cfg.checkpoint_every == 0 and done != cfg.iterations:
+                    self.elapsed = time.perf_counter() - t_start
+                    self._save_last(done)
+        except torch.OutOfMemoryError:
+            raise SemiSegError(f"out of GPU memory at iteration {step} (patch {tuple(cfg.patch_size)}, batch "
+                               f"{cfg.labeled_batch}+{cfg.unlabeled_batch}); lower --patch-size or the batch sizes; "
+                               f"last checkpoint kept in {self.out}") from None
+        self.elapsed = time.perf_counter() - t_start
+        self._save_last(cfg.iterations)
+        if cfg.selection != "val" or self.best_step < 0:
+            save_checkpoint(self.out / "best.pt", self._model_payload(cfg.iterations, {}))
+            self.best_step = cfg.iterations
+        summary = {
+            "method": cfg.method, "data": self.data.summary(), "iterations": cfg.iterations,
+            "selection": cfg.selection, "selected_iteration": self.best_step,
+            "best_val_dice": self.best if self.best >= 0 else None,
+            "wall_time_s": round(self.elapsed, 2),
+            "it_per_s": round((cfg.iterations - start) / max(self.train_seconds, 1e-9), 3),
+            "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),
+        }
+        if self.data.val:
+            final = self._final_eval(self.data.val)
+            summary["val"] = final
+        if self.data.test:
+            summary["test"] = self._final_eval(self.data.test)
+        atomic_write_text(self.out / "metrics.json", json.dumps(summary, indent=2))
+        self.emit("finished", status="completed", iteration=cfg.iterations, metrics=summary,
+                  outputs={"best": str(self.out / "best.pt"), "last": str(self.out / "last.pt")})
+        return summary
+
+    def _final_eval(self, refs) -> dict:
+        from ..checkpoint import network_from_checkpoint
+        ckpt = load_checkpoint(self.out / "best.pt")
+        net = network_from_checkpoint(ckpt, self.device)
+        res = evaluate_cases(net, refs, self.meta, full=True, empty=self.cfg.empty, half=self.amp_dtype is not None)
+        return {**summarize(res), "cases_detail": {r.case: r.per_class for r in res}}
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, **kw) -> dict:
+    """Convenience: ``Trainer(cfg, out_dir, ...).run(resume=...)``."""
+    resume = kw.pop("resume", False)
+    return Trainer(cfg, out_dir, **kw).run(resume=resume)

@@ -1,0 +1,136 @@
+"""The synthetic cardiac MRI phantom (semiseg.data.phantom)."""
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from semiseg.data.io import check_same_grid, read_label, read_volume
+from semiseg.data.phantom import PHANTOM_CLASSES, make_phantom_case, make_phantom_dataset, write_phantom_dataset
+
+RV, MYO, LV = 1, 2, 3
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return make_phantom_dataset(12)
+
+
+def dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_classes_follow_acdc():
+    assert [(c.value, c.name) for c in PHANTOM_CLASSES] == [
+        (1, "right ventricle"), (2, "myocardium"), (3, "left ventricle")]
+    assert len({tuple(c.color) for c in PHANTOM_CLASSES}) == 3
+
+
+def test_same_index_same_case_other_index_other_case():
+    img_a, lab_a = make_phantom_case(3)
+    img_b, lab_b = make_phantom_case(3)
+    np.testing.assert_array_equal(img_a.array, img_b.array)
+    np.testing.assert_array_equal(lab_a.array, lab_b.array)
+    assert img_a.geometry == img_b.geometry
+    img_c, lab_c = make_phantom_case(4)
+    assert not np.array_equal(lab_a.array, lab_c.array)
+    assert np.abs(img_a.array - img_c.array).mean() > 10
+    img_d, lab_d = make_phantom_case(3, seed=1)
+    assert not np.array_equal(lab_a.array, lab_d.array)
+
+
+def test_shapes_types_and_geometry():
+    img, lab = make_phantom_case(0, shape=(64, 80, 10), spacing=(1.25, 1.25, 10.0))
+    assert img.shape == lab.shape == (64, 80, 10)
+    assert img.array.dtype == np.float32 and lab.array.dtype == np.uint8
+    assert img.geometry.spacing == (1.25, 1.25, 10.0)
+    assert img.geometry.direction == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    assert any(abs(o) > 1 for o in img.geometry.origin)
+    assert lab.geometry.matches(img.geometry)
+    assert set(np.unique(lab.array)) <= {0, 1, 2, 3}
+    assert img.name == lab.name == "case_000"
+
+
+def test_intensities_are_mri_like(cases):
+    for img, lab in cases:
+        a, l = img.array, lab.array
+        assert a.min() >= 0 and 700 < a.max() < 1300 and np.isfinite(a).all()
+        assert np.median(a[l == LV]) > 1.5 * np.median(a[l == MYO])  # bright blood, dark muscle
+        assert np.median(a[l == RV]) > 1.5 * np.median(a[l == MYO])
+        assert a[l == LV].std() > 10  # noisy, not flat
+
+
+def test_all_classes_present_in_most_cases(cases):
+    present = [all((lab.array == c).any() for c in (RV, MYO, LV)) for _, lab in cases]
+    assert sum(present) >= 0.9 * len(cases)
+
+
+def test_anatomy_is_arranged_like_a_heart(cases):
+    ring = np.zeros((3, 3), bool)
+    ring[1, :] = ring[:, 1] = True
+    rv_absent_at_apex = 0
+    for _, lab in cases:
+        l = lab.array
+        nz = l.shape[2]
+        for k in range(nz // 4, nz // 2 + 1):  # mid slices
+            lv, myo, rv = l[..., k] == LV, l[..., k] == MYO, l[..., k] == RV
+            assert lv.sum() > 30
+            grown = ndimage.binary_dilation(lv, ring) & ~lv
+            # the LV is enclosed by myocardium: its 1-voxel rim lies (almost) all in the myocardium
+            assert myo[grown].mean() > 0.95
+            # the RV touches the myocardium but not the LV cavity
+            rv_rim = ndimage.binary_dilation(rv, ring) & ~rv
+            assert myo[rv_rim].any() and lv[rv_rim].mean() < 0.02
+            # and it lies beside the LV, not around it: it covers only part of the LV's surroundings
+            around = ndimage.binary_dilation(lv | myo, ring, iterations=2) & ~(lv | myo)
+            assert 0.05 < rv[around].mean() < 0.8
+        # the ventricles shrink towards the apex; the RV ends before it
+        areas = [(l[..., k] == LV).sum() for k in range(nz)]
+        assert areas[0] > 2 * max(areas[-1], 1) and areas[1] >= areas[-2]
+        rv_absent_at_apex += not (l[..., -1] == RV).any() and (l[..., -1] == MYO).any()
+    assert rv_absent_at_apex >= 0.8 * len(cases)
+
+
+def test_pose_varies_between_cases(cases):
+    centres = np.array([np.argwhere(lab.array[..., 2] == LV).mean(axis=0) for _, lab in cases])
+    assert centres.std(axis=0).min() > 1.0
+    areas = np.array([(lab.array[..., 2] > 0).sum() for _, lab in cases])
+    assert areas.max() > 1.2 * areas.min()
+
+
+def test_threshold_cannot_segment_myocardium(cases):
+    """The best intensity window for the myocardium (chosen with the ground truth) stays poor."""
+    for img, lab in cases[:6]:
+        a, myo = img.array, lab.array == MYO
+        qs = np.quantile(a, np.linspace(0, 1, 41))
+        best = max(dice((a >= lo) & (a < hi), myo) for i, lo in enumerate(qs) for hi in qs[i + 1:])
+        assert best < 0.6
+        # even when restricted to the bounding box of the heart
+        idx = np.argwhere(lab.array > 0)
+        box = tuple(slice(lo, hi + 1) for lo, hi in zip(idx.min(axis=0), idx.max(axis=0)))
+        a2, m2 = a[box], myo[box]
+        qs = np.quantile(a2, np.linspace(0, 1, 41))
+        best = max(dice((a2 >= lo) & (a2 < hi), m2) for i, lo in enumerate(qs) for hi in qs[i + 1:])
+        assert best < 0.65
+
+
+def test_generation_is_fast():
+    start = time.perf_counter()
+    make_phantom_dataset(20)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_write_phantom_dataset(tmp_path):
+    pairs = write_phantom_dataset(tmp_path / "phantom", 3, seed=2)
+    assert [(p.rsplit("/", 1)[1], q.rsplit("/", 1)[1]) for p, q in pairs] == [
+        (f"case_{i:03d}.nrrd", f"case_{i:03d}.seg.nrrd") for i in range(3)]
+    for i, (image_path, label_path) in enumerate(pairs):
+        img, lab = make_phantom_case(i, seed=2)
+        image = read_volume(image_path)
+        label, classes = read_label(label_path)
+        np.testing.assert_array_equal(image.array, img.array)
+        np.testing.assert_array_equal(label.array, lab.array)
+        assert image.geometry.matches(img.geometry)
+        check_same_grid(image, label, image_path, label_path)
+        assert [(c.value, c.name) for c in classes] == [(c.value, c.name) for c in PHANTOM_CLASSES]
+        np.testing.assert_allclose([c.color for c in classes], [c.color for c in PHANTOM_CLASSES])
