@@ -277,6 +277,21 @@ def test_segmentation_with_cropped_extent_without_reference_geometry(tmp_path):
         check_same_grid(Volume(np.zeros(full.shape, np.float32), geom), vol, "img.nrrd", path)
 
 
+def test_empty_segmentation_stored_as_one_voxel_gets_reference_grid(tmp_path):
+    """Slicer stores a segmentation without any labelled voxel as a single zero voxel."""
+    path, full, geom, _ = full_and_cropped(tmp_path)
+    seg = slicerio.read_segmentation(str(path))
+    seg["voxels"] = np.zeros((1, 1, 1), np.uint8)
+    seg["referenceImageExtentOffset"] = [0, 0, 0]
+    for s in seg["segments"]:
+        s["extent"] = [0, -1, 0, -1, 0, -1]
+    slicerio.write_segmentation(str(tmp_path / "empty.seg.nrrd"), seg)
+    vol, classes = read_label(tmp_path / "empty.seg.nrrd")
+    assert vol.shape == full.shape and not vol.array.any()
+    assert_geometry(vol.geometry, geom)
+    assert [c.name for c in classes] == ["first", "second"]
+
+
 def layered_segmentation(tmp_path, overlap: bool):
     shape = (8, 6, 5)
     layers = np.zeros((2, *shape), np.uint8)
@@ -316,6 +331,25 @@ def test_overlapping_segments_are_rejected(tmp_path):
     with pytest.raises(SemiSegError) as err:
         read_label(path)
     assert str(path) in str(err.value) and "overlap" in str(err.value)
+
+
+def test_legacy_segmentation_with_one_component_per_segment(tmp_path):
+    """Slicer < 4.11 stored each segment as a binary component, without layer and label value fields."""
+    import nrrd
+    shape = (6, 5, 4)
+    comps = np.zeros((2, *shape), np.uint8)
+    comps[0, 1:3, 1:3, 1:3] = 1
+    comps[1, 3:6, 0:2, 2:4] = 1
+    m = OBLIQUE.ijk_to_lps()
+    header = {"kinds": ["list", "domain", "domain", "domain"], "space": "left-posterior-superior",
+              "space directions": np.vstack([[np.nan] * 3, m[:3, :3].T]), "space origin": m[:3, 3],
+              "Segment0_ID": "s0", "Segment0_Name": "first", "Segment0_Color": "1 0 0",
+              "Segment1_ID": "s1", "Segment1_Name": "second", "Segment1_Color": "0 1 0"}
+    nrrd.write(str(tmp_path / "old.seg.nrrd"), comps, header)
+    vol, classes = read_label(tmp_path / "old.seg.nrrd")
+    assert [(c.value, c.name) for c in classes] == [(1, "first"), (2, "second")]
+    np.testing.assert_array_equal(vol.array, comps[0] + 2 * comps[1])
+    assert_geometry(vol.geometry, OBLIQUE)
 
 
 def test_segmentation_added_with_slicerio_keeps_label_values(tmp_path):

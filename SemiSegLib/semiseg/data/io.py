@@ -332,11 +332,14 @@ def _read_segmentation(path: str, classes: Sequence[ClassInfo] | None) -> tuple[
     offset = np.asarray(seg.get("referenceImageExtentOffset") or [0, 0, 0], dtype=int)
     segments = list(seg.get("segments") or [])
 
+    # files of Slicer before 4.11 have no layers/label values: one binary component per segment
+    legacy = (voxels.ndim == 4 and layers.shape[0] == len(segments) > 1
+              and not any("layer" in s or "labelValue" in s for s in segments))
     # masks of the segments, in the stored (file) index space; voxels outside a segment's extent
     # are not part of it (Slicer ignores them too)
     masks = []
-    for s in segments:
-        layer = int(s.get("layer", 0))
+    for i, s in enumerate(segments):
+        layer = i if legacy else int(s.get("layer", 0))
         if not 0 <= layer < layers.shape[0]:
             raise SemiSegError(f"segmentation {path}: segment '{s.get('name', s.get('id'))}' is in layer "
                                f"{layer}, but the file has {layers.shape[0]} layer(s)")

@@ -124,7 +124,7 @@ def make_phantom_case(index: int, shape=(96, 96, 12), spacing=(1.5, 1.5, 8.0), s
 
     bcx, bcy = rng.uniform(-0.04, 0.04, size=2) * fov
     body_a, body_b = fov * rng.uniform(0.44, 0.49), fov * rng.uniform(0.34, 0.40)
-    body_r = _ellipse(x - bcx, y - bcy, body_a, body_b) + 0 * t
+    body_r = np.broadcast_to(_ellipse(x - bcx, y - bcy, body_a, body_b), (nx, ny, nz))
     body = body_r < 1.0
     texture = ndimage.gaussian_filter(rng.standard_normal((nx, ny, nz)), sigma=(4.0, 4.0, 0.7))
     texture /= max(float(texture.std()), 1e-6)
@@ -138,7 +138,7 @@ def make_phantom_case(index: int, shape=(96, 96, 12), spacing=(1.5, 1.5, 8.0), s
         ly = bcy + rng.uniform(-0.08, 0.04) * fov
         lung = _ellipse(*_rotate(x, y, lx, ly, rng.uniform(-0.4, 0.4)),
                         fov * rng.uniform(0.13, 0.18), fov * rng.uniform(0.17, 0.24)) < 1.0
-        lung = lung & body & ~fat_layer & (0 * t == 0)
+        lung = lung & body & ~fat_layer
         img[lung] = rng.uniform(35.0, 80.0)
 
     # liver in the apical slices: a large region with a myocardium-like intensity
@@ -161,7 +161,7 @@ def make_phantom_case(index: int, shape=(96, 96, 12), spacing=(1.5, 1.5, 8.0), s
     aorta_r = rng.uniform(7.0, 10.0) * scale
     ad = r_epi0 + rng.uniform(8.0, 16.0) * scale
     aa = angle + np.pi * rng.uniform(0.55, 0.8) * rng.choice([-1.0, 1.0])
-    aorta = ((x - cx0 - ad * np.cos(aa)) ** 2 + (y - cy0 - ad * np.sin(aa)) ** 2 < aorta_r ** 2) & (0 * t == 0)
+    aorta = ((x - cx0 - ad * np.cos(aa)) ** 2 + (y - cy0 - ad * np.sin(aa)) ** 2 < aorta_r ** 2) & body
     img[aorta] = blood * rng.uniform(0.9, 1.05)
 
     # epicardial fat on part of the heart's surface (bright ring segment, unlabelled)

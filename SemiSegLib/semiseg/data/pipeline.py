@@ -3,7 +3,7 @@ unlabeled, METHODS.md §0.3) and the literature's augmentations. All randomness 
 ``torch.Generator`` whose state, with the samplers', is saved in checkpoints."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ class Batch:
     labeled_image: torch.Tensor
     labeled_label: torch.Tensor          # (B_l, *patch) int64
     unlabeled_image: torch.Tensor | None  # (B_u, 1, *patch) or None for supervised-only
+    labeled_index: torch.Tensor | None = None    # (B_l,) index of each labeled sample's case/slice
+    unlabeled_index: torch.Tensor | None = None  # (B_u,)
+    extra_unlabeled: list[torch.Tensor] = field(default_factory=list)  # further independent unlabeled batches
 
     @property
     def image(self) -> torch.Tensor:
@@ -132,7 +135,8 @@ class BatchSource:
     """Two-stream batches: ``labeled_batch`` labeled then ``unlabeled_batch`` unlabeled samples each step."""
 
     def __init__(self, labeled: list[CaseRef], unlabeled: list[CaseRef], dim: int, patch: tuple[int, ...],
-                 normalization: str, labeled_batch: int, unlabeled_batch: int, seed: int, device: torch.device):
+                 normalization: str, labeled_batch: int, unlabeled_batch: int, seed: int, device: torch.device,
+                 extra_unlabeled_streams: int = 0):
         if not labeled:
             raise SemiSegError("no labeled case: at least one labeled image is needed to train")
         store = SliceStore if dim == 2 else VolumeStore
@@ -140,18 +144,26 @@ class BatchSource:
         self.unlabeled = store(unlabeled, tuple(patch), normalization, with_labels=False) \
             if unlabeled and unlabeled_batch > 0 else None
         self.labeled_batch, self.unlabeled_batch = labeled_batch, unlabeled_batch
+        self.extra_streams = extra_unlabeled_streams if self.unlabeled is not None else 0
         self.device = device
         self.gen = torch.Generator().manual_seed(seed)
         self.lab_stream = IndexStream(len(self.labeled), self.gen)
         self.unl_stream = IndexStream(len(self.unlabeled), self.gen) if self.unlabeled is not None else None
 
     def next(self) -> Batch:
-        li, ll = self.labeled.sample(self.lab_stream.take(self.labeled_batch), self.gen)
-        ui = None
+        lidx = self.lab_stream.take(self.labeled_batch)
+        li, ll = self.labeled.sample(lidx, self.gen)
+        ui, uidx, extra = None, None, []
         if self.unl_stream is not None:
-            ui, _ = self.unlabeled.sample(self.unl_stream.take(self.unlabeled_batch), self.gen)
+            uidx = self.unl_stream.take(self.unlabeled_batch)
+            ui, _ = self.unlabeled.sample(uidx, self.gen)
             ui = ui.to(self.device, non_blocking=True)
-        return Batch(li.to(self.device, non_blocking=True), ll.long().to(self.device, non_blocking=True), ui)
+            for _ in range(self.extra_streams):  # e.g. UniMatch's mix batch: its own random draw of the pool
+                xi, _ = self.unlabeled.sample(torch.randint(0, len(self.unlabeled), (self.unlabeled_batch,),
+                                                            generator=self.gen), self.gen)
+                extra.append(xi.to(self.device, non_blocking=True))
+        return Batch(li.to(self.device, non_blocking=True), ll.long().to(self.device, non_blocking=True), ui,
+                     lidx.to(self.device), uidx.to(self.device) if uidx is not None else None, extra)
 
     def state_dict(self) -> dict:
         return {"gen": self.gen.get_state(), "lab": self.lab_stream.state_dict(),

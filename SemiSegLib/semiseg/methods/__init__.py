@@ -21,6 +21,15 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-from . import supervised, mean_teacher, ua_mt  # noqa: E402,F401  (registration side effect)
+def _discover() -> None:
+    """Import every module of this package: each method file registers itself (no list to edit)."""
+    import importlib
+    import pkgutil
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in ("base", "common") and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()
 
 __all__ = ["METHODS", "Method", "MethodContext", "NoOptions", "get_method", "register_method"]

@@ -41,6 +41,7 @@ class Method(nn.Module):
     recipe: ClassVar[dict[str, dict]] = {}
     uses_teacher: ClassVar[bool] = False     # the loop builds and EMA-updates ``self.teacher``
     uses_unlabeled: ClassVar[bool] = True    # False: batches carry no unlabeled stream
+    extra_unlabeled_streams: ClassVar[int] = 0  # more independent unlabeled batches (UniMatch's "mix" stream)
 
     def __init__(self, student: nn.Module, options, ctx: MethodContext):
         super().__init__()

@@ -129,7 +129,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.source = BatchSource(data.labeled, data.unlabeled if method_cls.uses_unlabeled else [], cfg.dim,
                                   tuple(cfg.patch_size), data.normalization, cfg.labeled_batch,
-                                  cfg.unlabeled_batch if method_cls.uses_unlabeled else 0, cfg.seed, self.device)
+                                  cfg.unlabeled_batch if method_cls.uses_unlabeled else 0, cfg.seed, self.device,
+                                  method_cls.extra_unlabeled_streams)
         self.meta = {
             "dim": cfg.dim, "patch_size": list(cfg.patch_size), "stride": list(cfg.stride or cfg.patch_size),
             "resize": cfg.resize, "normalization": data.normalization, "lcc": cfg.lcc,

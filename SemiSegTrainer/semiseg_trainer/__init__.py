@@ -1,0 +1,1 @@
+"""SemiSeg trainer: the ``semiseg`` command line and the job protocol the Slicer module drives."""

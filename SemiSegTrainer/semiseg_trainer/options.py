@@ -1,0 +1,65 @@
+"""Command-line options generated from the typed configuration (``TrainConfig`` and each method's
+``Options`` dataclass), so every hyper-parameter is an option with its documented default."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from semiseg.config import PRESETS, TrainConfig
+from semiseg.methods import METHODS
+
+METHOD_PREFIX = "opt__"
+
+
+def _add_field(group, f: dataclasses.Field, dest: str, default_text: str) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    meta = f.metadata or {}
+    help_text = f"{meta.get('help', '')} [{default_text}]"
+    kw: dict = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+    t = str(f.type)
+    if t == "bool":
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        return
+    if t.startswith("tuple"):
+        group.add_argument(flag, nargs="+", type=int, metavar="N", **kw)
+        return
+    if t == "dict":
+        return
+    kw["type"] = {"int": int, "float": float}.get(t, str)
+    kw["metavar"] = f.name.upper()
+    if meta.get("choices"):
+        kw["choices"] = [c for c in meta["choices"] if c != ""]
+    group.add_argument(flag, **kw)
+
+
+def add_train_options(parser: argparse.ArgumentParser, method: str) -> None:
+    g = parser.add_argument_group("training configuration (defaults from the preset; see `semiseg presets`)")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        _add_field(g, f, f.name, "preset" if default in (0, "", ()) and f.name not in ("seed",) else f"default {default}")
+    cls = METHODS[method]
+    g = parser.add_argument_group(f"method '{method}' hyper-parameters ({cls.description})")
+    for f in dataclasses.fields(cls.Options):
+        d = f.default if f.default is not dataclasses.MISSING else None
+        presets = {p: v[f.name] for p, v in cls.option_presets.items() if f.name in v}
+        extra = "; " + ", ".join(f"{p}: {v}" for p, v in presets.items()) if presets else ""
+        _add_field(g, f, METHOD_PREFIX + f.name, f"default {d}{extra}")
+
+
+def split_args(ns: argparse.Namespace) -> dict:
+    """Explicitly given options -> the ``explicit`` layer of ``resolve_config``."""
+    values = {k: v for k, v in vars(ns).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    opts = {k[len(METHOD_PREFIX):]: v for k, v in vars(ns).items() if k.startswith(METHOD_PREFIX)}
+    if opts:
+        values["method_options"] = opts
+    for k, v in list(values.items()):
+        if isinstance(v, list):
+            values[k] = tuple(v)
+    return values
+
+
+def describe_presets() -> str:
+    lines = []
+    for name, p in PRESETS.items():
+        lines.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items()))
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""Mean Teacher and UA-MT losses recomputed by hand from their definitions (METHODS.md §6.2-6.3)."""
+import copy
+import math
+
+import pytest
+import torch
+
+from semiseg.data.pipeline import Batch
+from semiseg.losses import supervised_loss
+from semiseg.methods import MethodContext, get_method
+from semiseg.methods.ua_mt import masked_consistency, predictive_entropy, uncertainty_threshold
+from semiseg.networks import build_network
+from semiseg.schedules import sigmoid_rampup
+
+
+def make(method, **opts):
+    torch.manual_seed(0)
+    net = build_network("unet", num_classes=4)
+    cls = get_method(method)
+    m = cls(net, cls.Options(**opts), MethodContext(dim=2, num_classes=4, iterations=30000, preset="acdc"))
+    m.teacher = copy.deepcopy(net)
+    return m
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return Batch(torch.randn(2, 1, 32, 32, generator=g), torch.randint(0, 4, (2, 32, 32), generator=g),
+                 torch.randn(2, 1, 32, 32, generator=g))
+
+
+def test_mean_teacher_loss_matches_definition():
+    m = make("mean_teacher")
+    b = batch()
+    step = 4500  # after the 1000-iteration delay; weight = 0.1·rampup(4500 // 150 = 30, 200)
+    torch.manual_seed(5)
+    terms = m.losses(b, step)
+    # recompute: same RNG draws (student dropout, then teacher noise, then teacher dropout)
+    torch.manual_seed(5)
+    logits = m.student(torch.cat([b.labeled_image, b.unlabeled_image]))
+    sup = supervised_loss(logits[:2], b.labeled_label, "half_ce_dice")
+    noise = torch.clamp(torch.randn_like(b.unlabeled_image) * 0.1, -0.2, 0.2)
+    with torch.no_grad():
+        t = torch.softmax(m.teacher(b.unlabeled_image + noise), 1)
+    cons = ((torch.softmax(logits[2:], 1) - t) ** 2).mean()
+    w = 0.1 * sigmoid_rampup(30, 200)
+    assert terms["consistency_weight"].item() == pytest.approx(w)
+    assert terms["loss"].item() == pytest.approx((sup + w * cons).item(), rel=1e-5)
+
+
+def test_mean_teacher_consistency_is_off_before_the_delay():
+    m = make("mean_teacher")
+    terms = m.losses(batch(), 999)
+    assert terms["consistency_weight"].item() == 0.0
+    assert terms["loss"].item() == pytest.approx(terms["sup"].item())
+
+
+def test_ua_mt_threshold_and_entropy():
+    assert uncertainty_threshold(0, 6000) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))
+    assert uncertainty_threshold(6000, 6000) == pytest.approx(math.log(2))
+    # two MC samples of a 2-class, 1-pixel prediction: mean (0.7, 0.3)
+    p = torch.tensor([[[0.6, 0.4]], [[0.8, 0.2]]]).reshape(2, 1, 2, 1)
+    h = predictive_entropy(p)
+    assert h.shape == (1, 1, 1)
+    assert h.item() == pytest.approx(-(0.7 * math.log(0.7 + 1e-6) + 0.3 * math.log(0.3 + 1e-6)), rel=1e-6)
+
+
+def test_ua_mt_masked_consistency_hand_computed():
+    s = torch.tensor([0.9, 0.1, 0.5, 0.5]).reshape(1, 2, 2)  # (B=1, C=2, 2 pixels) channel-major
+    s = torch.tensor([[0.9, 0.5], [0.1, 0.5]]).reshape(1, 2, 2)
+    t = torch.tensor([[0.7, 0.0], [0.3, 1.0]]).reshape(1, 2, 2)
+    mask = torch.tensor([1.0, 0.0]).reshape(1, 1, 2)
+    # only pixel 0: (0.2² + 0.2²) / (2·1)
+    assert masked_consistency(s, t, mask).item() == pytest.approx((0.04 + 0.04) / 2, rel=1e-6)
+
+
+def test_ua_mt_masks_uncertain_pixels_and_runs_t_passes():
+    m = make("ua_mt", mc_passes=4)
+    calls = []
+    m.teacher.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    terms = m.losses(batch(), 5000)
+    # one pass for the target + T/2 passes of the doubled unlabeled batch
+    assert calls == [2, 4, 4]
+    assert 0.0 <= terms["certain_fraction"].item() <= 1.0
+    assert torch.isfinite(terms["loss"])

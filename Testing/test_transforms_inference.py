@@ -1,0 +1,83 @@
+"""Resizing, augmentation and inference against their reference definitions."""
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+
+from semiseg.data.transforms import random_crop_3d, random_generator_2d, zoom_nearest
+from semiseg.inference import largest_component, predict_2d, predict_3d, window_starts
+
+
+@pytest.mark.parametrize("shape,out", [((224, 154), (256, 256)), ((256, 256), (224, 154)), ((7, 3), (16, 16)),
+                                       ((512, 511), (256, 256)), ((150, 512), (256, 256))])
+def test_zoom_nearest_equals_scipy_order0(shape, out):
+    a = np.random.default_rng(0).random(shape).astype(np.float32)
+    ref = ndi.zoom(a, (out[0] / shape[0], out[1] / shape[1]), order=0)
+    assert np.array_equal(zoom_nearest(torch.from_numpy(a), out).numpy(), ref)
+
+
+def test_augmentation_moves_image_and_label_together():
+    g = torch.Generator().manual_seed(0)
+    img = torch.arange(16 * 16, dtype=torch.float32).reshape(1, 1, 16, 16).repeat(32, 1, 1, 1)
+    lab = torch.arange(16 * 16).reshape(1, 16, 16).repeat(32, 1, 1) % 251
+    oi, ol = random_generator_2d(img, lab, g)
+    # every output pixel keeps its (image, label) pair, or both are zero-filled by the rotation
+    assert torch.equal(oi[:, 0].long() % 251, ol.long())
+    changed = [(not torch.equal(oi[i], img[i])) for i in range(32)]
+    assert 10 < sum(changed) < 32  # p(unchanged) = 0.25
+
+
+def test_random_crop_pads_small_volumes_like_ua_mt():
+    g = torch.Generator().manual_seed(0)
+    img = torch.ones(100, 130, 70)
+    out, _ = random_crop_3d(img, None, (112, 112, 80), g)
+    assert out.shape == (112, 112, 80)
+    # padding (112-100)//2+3 = 9 on x, 3 on y ((112-130)//2+3 = -6 -> 0 ... max(.,0)), 8 on z
+    # so the padded volume is 118 x 130(+0) x 86 and the crop must contain zeros on x or z sides sometimes
+    zeros = [float((random_crop_3d(img, None, (112, 112, 80), g)[0] == 0).float().mean()) for _ in range(20)]
+    assert max(zeros) > 0
+
+
+def test_window_starts_literature_rule():
+    assert window_starts(183, 112, 18) == [0, 18, 36, 54, 71]
+    assert window_starts(88, 80, 4) == [0, 4, 8]
+    assert window_starts(112, 112, 18) == [0]
+
+
+class ThresholdNet(torch.nn.Module):
+    """Stand-in 'network' with known output: class = (x > 0.5) + (x > 1.5) as one-hot logits."""
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        cls = (x > 0.5).long() + (x > 1.5).long()
+        return torch.nn.functional.one_hot(cls[:, 0], 3).movedim(-1, 1).float() * 10
+
+
+def test_predict_2d_and_3d_reproduce_a_known_segmenter():
+    rng = np.random.default_rng(0)
+    img = np.zeros((40, 36, 5), np.float32)
+    img[10:30, 5:20] = 1.0
+    img[12:16, 6:9, 2] = 2.0
+    truth = (img > 0.5).astype(np.uint8) + (img > 1.5)
+    net = ThresholdNet()
+    assert np.array_equal(predict_2d(net, img, (40, 36)), truth)
+    vol = rng.random((50, 40, 20)).astype(np.float32) * 2
+    lab = (vol > 0.5).astype(np.uint8) + (vol > 1.5)
+    assert np.array_equal(predict_3d(net, vol, (32, 32, 16), (9, 9, 3)), lab)
+    # smaller than the patch: zero padding then crop back
+    small = vol[:20, :10, :7]
+    assert np.array_equal(predict_3d(net, small, (32, 32, 16), (8, 8, 4)), lab[:20, :10, :7])
+
+
+def test_largest_component_per_class():
+    a = np.zeros((10, 10, 3), np.uint8)
+    a[0:2, 0:2] = 1
+    a[5:9, 5:9] = 1
+    a[0, 9] = 2
+    out = largest_component(a, [1, 2])
+    assert out[0:2, 0:2].sum() == 0 and (out[5:9, 5:9] == 1).all() and out[0, 9, 0] == 2
+    diag = np.zeros((3, 3, 3), np.uint8)
+    diag[0, 0, 0] = diag[1, 1, 1] = 1  # 26-connected: one component
+    assert largest_component(diag, [1]).sum() == 2
