@@ -26,7 +26,7 @@ def _discover() -> None:
     import importlib
     import pkgutil
     for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("base", "common") and not info.name.startswith("_"):
+        if not info.ispkg and info.name not in ("base", "common") and not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 

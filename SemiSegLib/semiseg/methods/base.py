@@ -55,6 +55,10 @@ class Method(nn.Module):
         Other entries (detached or not) are logged."""
         raise NotImplementedError
 
+    def on_start(self, log) -> None:
+        """Called once before the first iteration with ``log(message)`` (e.g. a memory estimate).
+        Raise ``SemiSegError`` here when the run cannot work (it will not fit, say)."""
+
     def inference_network(self) -> nn.Module:
         """The plain network saved for ``semiseg segment`` (training-only parts excluded)."""
         return self.student

@@ -206,6 +206,7 @@ class Trainer:
         atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         self.emit("started", iteration=start, iterations=cfg.iterations, method=cfg.method, device=str(self.device),
                   data=self.data.summary(), selection=cfg.selection, run_dir=str(self.out))
+        self.method.on_start(lambda message: self.emit("log", level="info", message=str(message)))
         sums: dict[str, torch.Tensor] = {}
         n_acc, t_window, last_logged = 0, time.perf_counter(), start
         t_start = time.perf_counter() - self.elapsed

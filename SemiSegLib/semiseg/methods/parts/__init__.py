@@ -1,0 +1,1 @@
+"""Building blocks shared by several methods (heads, memories, perturbations). Not methods themselves."""
