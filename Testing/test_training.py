@@ -24,7 +24,7 @@ TINY = {"data": "phantom:6", "labeled": 2, "patch_size": (32, 32), "labeled_batc
 def semiseg(*args, cwd=None, check=True):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "SemiSegLib"), str(ROOT / "SemiSegTrainer")]))
     p = subprocess.run([sys.executable, "-m", "semiseg_trainer", *map(str, args)], capture_output=True, text=True,
-                       env=env, cwd=cwd, timeout=600)
+                       env=env, cwd=cwd, timeout=3600)
     if check and p.returncode != 0:
         raise AssertionError(f"semiseg {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p

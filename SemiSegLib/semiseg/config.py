@@ -134,6 +134,7 @@ def resolve_config(explicit: dict[str, Any], file_values: dict[str, Any] | None 
     if not cfg.network:
         cfg.network = "unet" if cfg.dim == 2 else "vnet"
     validate(cfg)
+    cfg.method_options = method_cls.configure_options(dict(cfg.method_options), cfg)
     return cfg
 
 

@@ -188,40 +188,243 @@ def cmd_demo(ns, reporter) -> int:
 
 # ------------------------------------------------------------------------------------------ job
 def cmd_run(ns, reporter) -> int:
-    """Run a job folder written by the Slicer module: job.json {"task": "train"|"segment", ...}."""
-    from semiseg.config import resolve_config
-    from semiseg.errors import SemiSegError
-    from semiseg.train.loop import Trainer
+    """Run a job folder written by the Slicer module (see :mod:`semiseg_trainer.protocol` for job.json).
+
+    Every event goes to stdout and is appended to ``events.jsonl``. Whatever goes wrong ends in exactly
+    one ``error`` event ({message: one actionable line, details}) and exit code 2; a cancel (CANCEL file,
+    SIGTERM) checkpoints and exits with 3; the job folder is always kept.
+    """
+    import time
+    import traceback
     job = Path(ns.job)
-    spec_path = job / protocol.JOB_FILE
-    if not spec_path.is_file():
-        raise SemiSegError(f"no {protocol.JOB_FILE} in job folder {job}")
-    spec = json.loads(spec_path.read_text())
+    job.mkdir(parents=True, exist_ok=True)
     events = open(job / protocol.EVENTS_FILE, "a")
 
     def tee(e):
+        e = {"time": round(time.time(), 3), **e} if "time" not in e else e
         events.write(protocol.encode(e) + "\n")
         events.flush()
         reporter(e)
 
-    task = spec.get("task", "train")
-    if task == "train":
-        cfg = resolve_config(spec.get("config", {}))
-        Trainer(cfg, job / "run", on_event=tee, should_stop=StopFlag(job)).run(resume=bool(spec.get("resume")))
-        return protocol.EXIT_OK
-    if task == "segment":
-        from semiseg.predict import Segmenter
-        seg = Segmenter(spec["model"], spec.get("device", "cpu"))
-        stop = StopFlag(job)
-        for i, f in enumerate(spec["inputs"]):
-            if stop():
-                tee({"event": "finished", "status": "cancelled", "done": i})
-                return protocol.EXIT_CANCELLED
-            tee({"event": "predicted", "index": i + 1, "total": len(spec["inputs"]),
-                 **seg.segment_file(f, job / "predictions")})
-        tee({"event": "finished", "status": "completed"})
-        return protocol.EXIT_OK
-    raise SemiSegError(f"{spec_path}: unknown task '{task}' (train or segment)")
+    def fail(message: str, details: str = "") -> int:
+        tee({"event": "error", "message": message, "details": details, "job": str(job)})
+        print(f"semiseg: error: {message}", file=sys.stderr)
+        return protocol.EXIT_ERROR
+
+    def job_data(dataset: dict, cfg):
+        """DataSplits from the job's case list and fixed class table (no class inference from files)."""
+        from semiseg.data.datasets import DataSplits, _file_refs
+        from semiseg.data.volume import ClassInfo
+        classes = [ClassInfo.from_dict(c) for c in dataset.get("classes", [])]
+        values = [c.value for c in classes]
+        if not classes or len(set(values)) != len(values) or min(values) < 1:
+            raise SemiSegError(f"{spec_path}: the class table needs distinct positive label values "
+                               f"({', '.join(f'{c.value}: {c.name}' for c in classes) or 'empty'})")
+        holder = {"classes": classes}
+        split: dict[str, list] = {"labeled": [], "unlabeled": [], "val": []}
+        for c in dataset.get("cases", []):
+            image = job / c["image"]
+            label = job / c["label"] if c.get("label") else None
+            for p in (image, label):
+                if p is not None and not p.is_file():
+                    raise SemiSegError(f"{spec_path}: case '{c.get('name', image.name)}' file not found: {p}")
+            kind = c.get("split", "train")
+            if kind == "val" and label is not None:
+                split["val"].append(_file_refs(image, label, holder))
+            elif label is not None:
+                split["labeled"].append(_file_refs(image, label, holder))
+            else:
+                split["unlabeled"].append(_file_refs(image, None, holder))
+        if not split["labeled"]:
+            raise SemiSegError("no labeled case for training: add at least one segmentation with its source volume "
+                               "(cases kept for validation do not count)")
+        return DataSplits(kind="files", dim=cfg.dim, classes=classes, labeled=split["labeled"],
+                          unlabeled=split["unlabeled"], val=split["val"], normalization="zscore",
+                          description=f"Slicer job {job.name}: {len(split['labeled'])} labeled, "
+                                      f"{len(split['unlabeled'])} unlabeled, {len(split['val'])} validation")
+
+    from semiseg.errors import CancelledError, SemiSegError
+    spec_path = job / protocol.JOB_FILE
+    try:
+        if not spec_path.is_file():
+            raise SemiSegError(f"no {protocol.JOB_FILE} in job folder {job}")
+        try:
+            spec = protocol.read_job(job)
+        except ValueError as e:  # JSONDecodeError is a ValueError
+            raise SemiSegError(f"cannot read {spec_path}: {e}") from None
+        task = spec.get("task", "train")
+        if task == "train":
+            from semiseg.config import resolve_config
+            from semiseg.train.loop import Trainer
+            cfg = resolve_config(spec.get("config", {}))
+            data = job_data(spec["dataset"], cfg) if spec.get("dataset") else None
+            Trainer(cfg, job / "run", data=data, on_event=tee, should_stop=StopFlag(job)).run(resume=bool(spec.get("resume")))
+            return protocol.EXIT_OK
+        if task == "segment":
+            import torch
+            from semiseg.predict import Segmenter
+            from semiseg.train.loop import select_device
+            inputs = [job / p for p in spec.get("inputs", [])]
+            if not inputs:
+                raise SemiSegError(f"{spec_path}: no input volume to segment")
+            model = Path(spec.get("model", ""))
+            model = model if model.is_absolute() else job / model
+            out = job / spec.get("outputs", "predictions")
+            seg = Segmenter(model, select_device(spec.get("device", "auto")), lcc=spec.get("lcc"))
+            stop = StopFlag(job)
+            tee({"event": "started", "task": "segment", "total": len(inputs), "model": str(model), "device": str(seg.device)})
+            for i, f in enumerate(inputs):
+                if stop():
+                    tee({"event": "finished", "status": "cancelled", "task": "segment", "done": i})
+                    return protocol.EXIT_CANCELLED
+                try:
+                    result = seg.segment_file(f, out)
+                except torch.OutOfMemoryError:
+                    raise SemiSegError(f"out of GPU memory while segmenting {f.name}: choose the CPU or a smaller "
+                                       f"stride/patch model") from None
+                tee({"event": "predicted", "index": i + 1, "total": len(inputs), **result})
+            tee({"event": "finished", "status": "completed", "task": "segment", "outputs": str(out)})
+            return protocol.EXIT_OK
+        raise SemiSegError(f"{spec_path}: unknown task '{task}' (train or segment)")
+    except CancelledError as e:
+        print(f"semiseg: {e}", file=sys.stderr)
+        return protocol.EXIT_CANCELLED
+    except SemiSegError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        tee({"event": "finished", "status": "cancelled"})
+        return protocol.EXIT_CANCELLED
+    except ModuleNotFoundError as e:
+        return fail(f"a Python package the trainer needs is missing: {e.name} (install SemiSeg's requirements)",
+                    traceback.format_exc())
+    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen environment problem: still one event
+        return fail(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+                    f"(details in {job / protocol.EVENTS_FILE})", traceback.format_exc())
+    finally:
+        events.close()
+
+
+# ------------------------------------------------------------------------------------------ benchmark, report
+BENCHMARK_OWN = ("data", "labeled", "method", "seed", "method_options")  # set by the grid, not passed through
+
+
+def add_benchmark_train_options(parser: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field the grid does not set itself, passed through to each run."""
+    import dataclasses
+    from semiseg.config import TrainConfig
+    from .options import _add_field
+    g = parser.add_argument_group("options passed to every run (defaults from the preset; see `semiseg presets`)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in BENCHMARK_OWN:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        _add_field(g, f, f.name, "preset" if default in (0, "", ()) else f"default {default}")
+
+
+def _parse_option_value(text: str, f):
+    t = str(f.type)
+    if t == "bool":
+        low = text.strip().lower()
+        if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(f"'{text}' is not a boolean")
+        return low in ("true", "1", "yes", "on")
+    if t.startswith("tuple"):
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    if t == "int":
+        return int(text)
+    if t == "float":
+        return float(text)
+    return text
+
+
+def parse_method_sets(items: list[str], methods: list[str]) -> dict[str, dict]:
+    """``--set METHOD.OPTION=VALUE`` (one method) or ``--set OPTION=VALUE`` (every listed method that has it)."""
+    import dataclasses
+    from semiseg.errors import SemiSegError
+    from semiseg.methods import get_method
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SemiSegError(f"--set {item}: expected [METHOD.]OPTION=VALUE")
+        target, _, name = key.rpartition(".")
+        name = name.replace("-", "_")
+        targets = [target] if target else methods
+        if target and target not in methods:
+            raise SemiSegError(f"--set {item}: method '{target}' is not in --methods ({', '.join(methods)})")
+        hit = False
+        for m in targets:
+            fields = {f.name: f for f in dataclasses.fields(get_method(m).Options)}
+            if name not in fields:
+                if target:
+                    raise SemiSegError(f"--set {item}: method '{m}' has no option '{name}' "
+                                       f"(options: {', '.join(fields) or 'none'})")
+                continue
+            try:
+                out.setdefault(m, {})[name] = _parse_option_value(value, fields[name])
+            except ValueError as e:
+                raise SemiSegError(f"--set {item}: {e}") from None
+            hit = True
+        if not hit:
+            raise SemiSegError(f"--set {item}: none of {', '.join(methods)} has an option '{name}'")
+    return out
+
+
+def _print_report(info: dict, reporter) -> None:
+    if reporter.json:
+        reporter({"event": "report", **info})
+        return
+    text = Path(info["results_md"]).read_text()
+    start = text.find("## Results")
+    end = text.find("## Per class")
+    if start >= 0:
+        print("\n" + text[start:end if end > start else None].rstrip())
+    print(f"\n{info['runs']} runs; written: {info['results_md']}, {info['results_csv']}")
+    for f in info["figures"]:
+        if f.startswith("training curves overlaid"):
+            print(f"figure: {f}")
+
+
+def cmd_benchmark(ns, reporter) -> int:
+    import shlex
+    from semiseg import benchmark
+    from semiseg.config import resolve_config
+    from semiseg.errors import SemiSegError
+    methods = [m for m in ns.methods.replace(" ", "").split(",") if m]
+    if not methods:
+        raise SemiSegError("--methods is empty")
+    common = split_args(ns)
+    for k in BENCHMARK_OWN:
+        common.pop(k, None)
+    if ns.labeled:
+        labeled = benchmark.parse_int_list(ns.labeled, "--labeled")
+    else:
+        labeled = [resolve_config({"data": ns.data, "method": methods[0], **common}).labeled]
+    seeds = benchmark.derive_seeds(ns.seeds, ns.seed)
+    specs = benchmark.plan_grid(ns.data, methods, labeled, seeds, ns.out, common,
+                                parse_method_sets(ns.set, methods))
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not reporter.json:
+        print(f"benchmark: {len(specs)} runs ({', '.join(methods)} x labeled {', '.join(map(str, labeled))} "
+              f"x seeds {', '.join(map(str, seeds))}) in {out}")
+    command = "semiseg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    benchmark.run_grid(specs, on_event=reporter, should_stop=StopFlag(out), isolate=True, plots=ns.plots,
+                       command=command)
+    records = benchmark.collect_runs([s.dir for s in specs])
+    _print_report(benchmark.write_report(records, out, plots=ns.plots, on_event=reporter), reporter)
+    return protocol.EXIT_OK
+
+
+def cmd_report(ns, reporter) -> int:
+    from semiseg import benchmark
+    records = benchmark.collect_runs(ns.runs)
+    if ns.plots:
+        for r in records:  # figures a run does not have yet (e.g. trained with `semiseg train`)
+            if not (r.dir / "curves.png").is_file() or not (r.dir / "qualitative.png").is_file():
+                benchmark.make_run_figures(r.dir, reporter, qualitative=not (r.dir / "qualitative.png").is_file())
+    _print_report(benchmark.write_report(records, ns.out, plots=ns.plots, on_event=reporter), reporter)
+    return protocol.EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -271,6 +474,31 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the dataset recipes")
     r = sub.add_parser("run", help="run a job folder (the Slicer module's protocol)")
     r.add_argument("--job", required=True)
+
+    b = sub.add_parser("benchmark", help="train a grid of methods x label counts x seeds and tabulate it",
+                       description="Run every method at every label count with several seeds (resumable: "
+                                   "finished runs are kept, interrupted ones resumed), then write OUT/results.md "
+                                   "(protocol header + mean ± sample std over seeds) and OUT/results.csv. Example: "
+                                   "semiseg benchmark --data acdc:../shared/data/ACDC --methods supervised,mean_teacher "
+                                   "--labeled 3,7 --seeds 3 --out bench/acdc")
+    b.add_argument("--data", required=True, help="dataset: acdc:PATH, la:PATH, phantom[:N], a folder or a CSV")
+    b.add_argument("--methods", required=True, help="comma-separated methods (see `semiseg methods`)")
+    b.add_argument("--labeled", default="", help="comma-separated label counts (default: the preset's)")
+    b.add_argument("--seeds", default="3", help="number of seeds N (seeds SEED, SEED+1, ..., SEED+N-1) or a "
+                                                "comma-separated list of seeds")
+    b.add_argument("--seed", type=int, default=1337, help="first seed when --seeds is a count (lineage default 1337)")
+    b.add_argument("--set", action="append", default=[], metavar="[METHOD.]OPTION=VALUE",
+                   help="a method hyper-parameter for one method, or for every listed method that has it (repeatable)")
+    b.add_argument("--out", required=True, help="benchmark folder (runs/, results.md, results.csv, figures)")
+    b.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="training curves and a qualitative figure per run, curves overlaid per setting")
+    add_benchmark_train_options(b)
+
+    rp = sub.add_parser("report", help="rebuild the benchmark tables from finished runs (no training)")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders searched for them")
+    rp.add_argument("--out", default=".", help="folder for results.md, results.csv and the overlaid curves")
+    rp.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                    help="also draw the figures runs do not have yet, and the overlaid curves")
     return p
 
 
@@ -298,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "presets":
         print(describe_presets())
         return protocol.EXIT_OK
-    handler = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "run": cmd_run}
+    handler = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "run": cmd_run,
+               "benchmark": cmd_benchmark, "report": cmd_report}
     try:
         return handler[ns.command](ns, reporter)
     except CancelledError as e:

@@ -68,3 +68,9 @@ class Method(nn.Module):
         values = dict(cls.option_presets.get(preset, {}))
         values.update(cls.option_presets.get(f"{dim}d", {}) if preset not in cls.option_presets else {})
         return cls.Options(**values)
+
+    @classmethod
+    def configure_options(cls, options: dict, cfg) -> dict:
+        """Fill option values that depend on the resolved run configuration ``cfg`` (a ``TrainConfig``:
+        label count, patch size, batch sizes) once every layer is merged. Default: unchanged."""
+        return options

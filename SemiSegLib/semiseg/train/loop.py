@@ -110,6 +110,10 @@ class Trainer:
                                "(add unlabeled volumes or use --method supervised)")
         if cfg.selection == "val" and not data.val:
             cfg.selection = "final"  # nothing to select on: say so in the config and events
+        if cfg.selection == "test" and not data.test:
+            raise SemiSegError("--selection test needs a test split (--test-split PATH)")
+        # selection=test exists only to reproduce papers that select on their test set (LA); it is labelled so
+        self.val_refs = data.test if cfg.selection == "test" else data.val
         num_classes = len(data.classes) + 1
         net_kwargs = {"in_channels": 1, "num_classes": num_classes}
         if cfg.upsampling:
@@ -181,15 +185,18 @@ class Trainer:
     # ------------------------------------------------------------------------------ validation
     def _validate(self, step: int) -> float:
         net = self.method.inference_network()
-        res = evaluate_cases(net, self.data.val, self.meta, full=False, empty=self.cfg.empty,
+        res = evaluate_cases(net, self.val_refs, self.meta, full=False, empty=self.cfg.empty,
                              half=self.amp_dtype is not None)
         s = summarize(res)
         dice = s["mean"]["dice"]
         improved = dice > self.best
-        if improved and self.cfg.selection == "val":
-            self.best, self.best_step = dice, step
-            save_checkpoint(self.out / "best.pt", self._model_payload(step, {"val_dice": dice}))
-        self.emit("validation", iteration=step, dice=dice, best=improved, best_dice=self.best,
+        if improved:
+            self.best = dice
+            if self.cfg.selection in ("val", "test"):
+                self.best_step = step
+                save_checkpoint(self.out / "best.pt", self._model_payload(step, {"val_dice": dice}))
+        self.emit("validation", iteration=step, split="test" if self.cfg.selection == "test" else "val",
+                  dice=dice, best=improved, best_dice=self.best,
                   dice_per_class={k: v["dice"] for k, v in s["per_class"].items()})
         return dice
 
@@ -250,7 +257,7 @@ class Trainer:
                               **{k: round(v, 6) for k, v in means.items()})
                     sums, n_acc, last_logged = {}, 0, done
                     t_window = now
-                if cfg.val_every and self.data.val and done % cfg.val_every == 0:
+                if cfg.val_every and self.val_refs and done % cfg.val_every == 0:
                     t0 = time.perf_counter()
                     self._validate(done)
                     t_window += time.perf_counter() - t0  # validation time is not training speed
@@ -263,7 +270,7 @@ class Trainer:
                                f"last checkpoint kept in {self.out}") from None
         self.elapsed = time.perf_counter() - t_start
         self._save_last(cfg.iterations)
-        if cfg.selection != "val" or self.best_step < 0:
+        if cfg.selection == "final" or self.best_step < 0:
             save_checkpoint(self.out / "best.pt", self._model_payload(cfg.iterations, {}))
             self.best_step = cfg.iterations
         summary = {
@@ -280,7 +287,9 @@ class Trainer:
         if self.data.test:
             summary["test"] = self._final_eval(self.data.test)
         atomic_write_text(self.out / "metrics.json", json.dumps(summary, indent=2))
-        self.emit("finished", status="completed", iteration=cfg.iterations, metrics=summary,
+        brief = {k: ({kk: vv for kk, vv in v.items() if kk != "cases_detail"} if isinstance(v, dict) else v)
+                 for k, v in summary.items()}
+        self.emit("finished", status="completed", iteration=cfg.iterations, metrics=brief,
                   outputs={"best": str(self.out / "best.pt"), "last": str(self.out / "last.pt")})
         return summary
 

@@ -1,0 +1,30 @@
+"""FixMatch in UniMatch's medical setting (METHODS.md §6.6): one strong view per unlabeled image with a
+CutMix box pasted from a strong view of the mix batch, no feature stream: ``L = ½(L_x + L_s)``.
+
+The shared core is ``parts/weak_strong.py``. The "FixMatch" rows of the UniMatch/AGP tables come from
+UniMatch's ablation setup; this composition (one view, weight 1, τ = 0.95) is inferred from it
+[INF in METHODS.md]. The V-Net (3D) variant is SemiSeg's own extension.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import register_method
+from .parts.weak_strong import ConsistencyOptions, CutMixOptions, StrongAugOptions, WeakStrongMethod
+
+
+@dataclass
+class Options(ConsistencyOptions, StrongAugOptions, CutMixOptions):
+    conf_thresh: float = field(default=0.95, metadata={
+        "help": "confidence threshold τ: pseudo-labeled pixels below it are ignored (UniMatch's FixMatch 0.95)"})
+    weight_strong: float = field(default=1.0, metadata={
+        "help": "weight of the strong-view loss in L = ½(L_x + w_s·L_s) (1, inferred from UniMatch's ablation)"})
+
+
+@register_method("fixmatch")
+class FixMatch(WeakStrongMethod):
+    description = ("FixMatch (UniMatch medical setting): weak-view pseudo-labels (τ=0.95) supervise one strong "
+                   "view (colour jitter, blur, CutMix from a mix batch); masked Dice. 3D: SemiSeg extension.")
+    Options = Options
+    strong_views = 1
+    feature_stream = False

@@ -1,0 +1,151 @@
+"""SS-Net: exploring smoothness and class separation (Wu et al., MICCAI 2022), METHODS.md §4.
+
+One network, no teacher. ``L = Dice(labeled) + λ(t)·[L_lds + 0.1·(L_sep_l + L_sep_u)]`` with
+``λ(t) = c·sigmoid_rampup(it // 150, R)``:
+- ``L_lds``: VAT smoothness on the whole batch (labeled + unlabeled), ``parts/vat.py``;
+- ``L_sep_l`` / ``L_sep_u``: pull of every labeled (GT) / unlabeled (argmax pseudo-label) pixel's
+  projected+predicted embedding toward the per-class memory of correctly predicted labeled
+  foreground features, weighted by learned selectors, ``parts/prototypes.py``.
+CE is not in the loss (the code computes it but never adds it); ``--sup-loss`` changes that.
+
+Recipes: ACDC (2D UNet upsampling B ``bilinear``, lr 0.01 constant, c = 0.1, R = 200 → 30000
+iterations, ε = 6, 4-class soft-Dice VAT distance) and LA (3D V-Net, step lr, c = 1.0, R = 40 → 6000
+iterations, ε = 10, binary-Dice VAT distance); ξ = 10 in both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..losses import dice_loss_foreground, dice_loss_multiclass
+from ..schedules import consistency_weight
+from . import register_method
+from .base import Method
+from .parts.prototypes import PrototypeSeparation, SeparationOptions, embedding_channels
+from .parts.vat import DISTANCES, vat_loss
+
+
+@dataclass
+class SSNetSupervisedOptions:
+    sup_loss: str = field(default="dice", metadata={
+        "help": "supervised loss: dice (SS-Net code: CE is computed but not added), half_ce_dice = ½(CE+Dice), "
+                "ce_plus_dice", "choices": ["dice", "half_ce_dice", "ce_plus_dice"]})
+    dice: str = field(default="auto", metadata={
+        "help": "Dice form: multiclass (SS-Net 2D DiceLoss: all classes incl. background, squared denominators, "
+                "smooth 1e-10), binary (SS-Net 3D Binary_dice_loss on each foreground channel, plain sums, 1e-8), "
+                "foreground (UA-MT squared, 1e-5); auto = multiclass in 2D, binary in 3D",
+        "choices": ["auto", "multiclass", "binary", "foreground"]})
+
+
+def ssnet_supervised_loss(logits: torch.Tensor, label: torch.Tensor, kind: str, dice: str, dim: int) -> torch.Tensor:
+    """The SS-Net lineage's supervised loss (METHODS.md §0.5) on labeled logits (B, C, *S)."""
+    form = dice if dice != "auto" else ("multiclass" if dim == 2 else "binary")
+    probs = torch.softmax(logits.float(), dim=1)
+    if form == "multiclass":
+        d = dice_loss_multiclass(probs, label, smooth=1e-10)
+    elif form == "binary":
+        d = dice_loss_foreground(probs, label, smooth=1e-8, squared=False)
+    elif form == "foreground":
+        d = dice_loss_foreground(probs, label)
+    else:
+        raise ValueError(f"unknown Dice form '{dice}'")
+    if kind == "dice":
+        return d
+    ce = F.cross_entropy(logits.float(), label.long())
+    if kind == "half_ce_dice":
+        return 0.5 * (ce + d)
+    if kind == "ce_plus_dice":
+        return ce + d
+    raise ValueError(f"unknown supervised loss '{kind}' (dice, half_ce_dice, ce_plus_dice)")
+
+
+@dataclass
+class RampOptions:
+    consistency: float = field(default=0.1, metadata={
+        "help": "maximum unsupervised weight c in λ(t) = c·sigmoid_rampup(it // 150, R) (SS-Net: ACDC 0.1, LA 1.0)"})
+    rampup_iterations: int = field(default=30000, metadata={
+        "help": "ramp-up length in iterations, R·150 (SS-Net: ACDC R=200 → 30000, LA R=40 → 6000)"})
+
+
+@dataclass
+class Options(SeparationOptions, RampOptions, SSNetSupervisedOptions):
+    vat_xi: float = field(default=10.0, metadata={"help": "ξ, power-iteration step on the unit direction (SS-Net: 10)"})
+    vat_eps: float = field(default=6.0, metadata={
+        "help": "ε ('magnitude'), adversarial perturbation norm per sample (SS-Net: ACDC 6, LA 10)"})
+    vat_power_iterations: int = field(default=1, metadata={"help": "power iterations (SS-Net: ip = 1)"})
+    vat_distance: str = field(default="auto", metadata={
+        "help": "VAT distance: soft_dice (2D code: all-class soft Dice), binary_dice (3D code: Binary_dice_loss on "
+                "the full C-channel tensors); auto by dimension", "choices": ["auto", "soft_dice", "binary_dice"]})
+    vat_freeze_target_bn: bool = field(default=False, metadata={
+        "help": "also freeze BN running statistics in the VAT target pass (the code does not: it is a plain "
+                "train-mode forward; the perturbed passes are always frozen)"})
+
+
+_ACDC = {}
+_LA = {"consistency": 1.0, "rampup_iterations": 6000, "vat_eps": 10.0}
+# the built-in phantom's 600-iteration runs: full weight after 300 iterations (ours)
+_PHANTOM = {"consistency": 0.1, "rampup_iterations": 300}
+PRESETS = {"acdc": _ACDC, "2d": _ACDC, "la": _LA, "3d": _LA, "phantom": _PHANTOM}
+# training recipe (TrainConfig) per preset: SS-Net's 2D UNet is variant B with a constant lr
+RECIPE = {"acdc": {"upsampling": "bilinear", "lr_schedule": "constant"},
+          "generic2d": {"upsampling": "bilinear"},
+          "phantom": {"upsampling": "bilinear"},
+          "la": {"lr_schedule": "step"}}
+
+
+class SeparationMethod(Method):
+    """Shared wiring of ss_net and lcc: the separation module, the supervised loss and the ramped weight."""
+
+    def __init__(self, student, options, ctx):
+        super().__init__(student, options, ctx)
+        self.separation = PrototypeSeparation(ctx.num_classes, embedding_channels(student), options)
+
+    def supervised(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return ssnet_supervised_loss(logits, label, self.options.sup_loss, self.options.dice, self.ctx.dim)
+
+    def weight(self, step: int) -> float:
+        return consistency_weight(step, self.options.consistency, self.options.rampup_iterations)
+
+    def on_start(self, log) -> None:
+        o = self.options
+        cap = f"at most {o.sep_max_pixels} pixels per term (sampled, our deviation)" if o.sep_max_pixels else \
+            "every pixel (as the code; about 1.4 KB of activations per pixel, --sep-max-pixels bounds it)"
+        log(f"{self.name}: separation terms on {cap}; memory {o.memory_per_class}/class, selection {o.memory_select}")
+
+
+@register_method("ss_net")
+class SSNet(SeparationMethod):
+    description = ("SS-Net (MICCAI 2022): VAT smoothness + prototype class separation with a learned-selector "
+                   "feature memory; single network, Dice-only supervision (code defaults).")
+    Options = Options
+    option_presets = PRESETS
+    recipe = RECIPE
+
+    def distance(self):
+        o = self.options
+        name = o.vat_distance if o.vat_distance != "auto" else ("soft_dice" if self.ctx.dim == 2 else "binary_dice")
+        return DISTANCES[name]
+
+    def losses(self, batch, step):
+        o = self.options
+        x = batch.image
+        nl = batch.n_labeled
+        logits, feats = self.student(x, return_features=True)
+        emb = feats.embedding
+        self.separation.check(emb)
+        with torch.no_grad():
+            pred = logits.argmax(1)  # argmax of softmax = argmax of logits
+        label = batch.labeled_label
+        sup = self.supervised(logits[:nl], label)
+        n_mem = self.separation.update_memory(emb[:nl], pred[:nl], label)
+        sep_l = self.separation.term(emb[:nl], label)
+        sep_u = self.separation.term(emb[nl:], pred[nl:]) if x.shape[0] > nl else sup.new_zeros(())
+        lds = vat_loss(self.student, x, self.distance(), o.vat_xi, o.vat_eps, o.vat_power_iterations,
+                       freeze_target_bn=o.vat_freeze_target_bn)
+        w = self.weight(step)
+        loss = sup + w * (lds + o.sep_weight * (sep_l + sep_u))
+        return {"loss": loss, "sup": sup.detach(), "lds": lds.detach(), "sep_l": sep_l.detach(),
+                "sep_u": sep_u.detach(), "consistency_weight": torch.tensor(w),
+                "memory_candidates": torch.tensor(float(n_mem))}
