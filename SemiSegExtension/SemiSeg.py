@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import sys
 from pathlib import Path
 
 import slicer
-import vtk
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -195,6 +193,10 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             form.addRow(label, w)
             self.optionWidgets[o.name] = (o, w)
         self.ui.methodOptionsFrame.layout().addWidget(self.optionsContainer)
+        defaults = self.logic.resolvedDefaults(name, dim, preset)
+        for box, key in ((self.ui.iterationsSpinBox, "iterations"), (self.ui.labeledBatchSpinBox, "labeled_batch"),
+                         (self.ui.unlabeledBatchSpinBox, "unlabeled_batch")):
+            box.specialValueText = _tr("preset default") + (f" ({defaults[key]})" if key in defaults else "")
 
     @staticmethod
     def _optionWidget(o):
@@ -335,7 +337,7 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ job feedback
     def onJobEvent(self, progress, event):
         self.ui.progressBar.value = int(round(100 * progress.fraction))
-        self.ui.progressBar.format = progress.status_text()
+        self.ui.progressBar.format = progress.status_text().replace("%", "%%")  # no %p/%v placeholders
         self.ui.statusLabel.text = progress.status_text()
         kind = event.get("event")
         if kind in ("log", "started", "checkpoint", "predicted", "validation", "error"):
@@ -433,6 +435,16 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
     def presets(self):
         from SemiSegSlicerLib import catalog
         return catalog.presets()
+
+    @staticmethod
+    def resolvedDefaults(method, dim=3, preset="") -> dict:
+        """The configuration a method/dimension/preset trains with when nothing else is set ({} if invalid)."""
+        from SemiSegSlicerLib import catalog
+        try:
+            return catalog.resolved(catalog.training_config(method, dim, preset))
+        except Exception as e:  # noqa: BLE001 - shown as "preset default" without a number
+            logging.info("SemiSeg: %s", e)
+            return {}
 
     def deviceInfo(self):
         from SemiSegSlicerLib import catalog

@@ -176,3 +176,19 @@ def test_requirements_never_name_slicer_or_torch_packages():
                  if ln.strip() and not ln.startswith("#")]
     names = {re.split(r"[<>=!~\[ ;]", r)[0].lower() for r in from_file}
     assert names and not names & {"torch", "torchvision", "simpleitk", "numpy", "vtk", "scipy"}
+
+
+def test_dependency_check_skips_slicer_packages_and_finds_missing_ones(tmp_path):
+    import sys
+    sys.path.insert(0, str(EXT))
+    from SemiSegSlicerLib import dependencies
+    req = tmp_path / "requirements.txt"
+    req.write_text("# comment\nnumpy>=1\nSimpleITK\ntorch>=2\nslicerio>=1.0\nslicerio>=999\n"
+                   "no-such-package-semiseg>=1 ; python_version >= '3'\nno-such-package-py2 ; python_version < '3'\n-r other.txt\n")
+    reqs = dependencies.read_requirements(req)
+    assert reqs == ["numpy>=1", "SimpleITK", "torch>=2", "slicerio>=1.0", "slicerio>=999",
+                    "no-such-package-semiseg>=1 ; python_version >= '3'", "no-such-package-py2 ; python_version < '3'"]
+    # Slicer's own packages and torch are never reported (never installed); versions and markers count
+    assert dependencies.missing_requirements(reqs) == ["slicerio>=999", "no-such-package-semiseg>=1 ; python_version >= '3'"]
+    ok, text = dependencies.torch_status()
+    assert ok and text.startswith("torch ")

@@ -463,7 +463,7 @@ def disk_volume(scene, name, shift):
 def test_logic_trains_and_segments_a_real_scene(scene, tmp_path, semiseg_module):
     """What SemiSegTest does inside Slicer, here on real MRML with a real trainer process (the
     subprocess backend, as PythonQt is absent)."""
-    torch = pytest.importorskip("torch")  # noqa: F841
+    pytest.importorskip("torch")
     logic = semiseg_module.SemiSegLogic()
     logic.setWorkspace(tmp_path)
     labeled, disk = disk_volume(scene, "labeled", 0)

@@ -43,6 +43,13 @@ def _name(requirement: str) -> str:
 def _satisfied(requirement: str) -> bool:
     name = _name(requirement)
     try:
+        from packaging.requirements import Requirement
+        marker = Requirement(requirement).marker
+        if marker is not None and not marker.evaluate():
+            return True  # not for this platform/Python
+    except Exception:  # noqa: BLE001 - no 'packaging' or an unparsable line: check the name only
+        pass
+    try:
         installed = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return False

@@ -13,7 +13,6 @@ refused. Every problem is an :class:`ExportError` with one line that names the n
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,14 +195,6 @@ def world_ijk_to_ras(node) -> np.ndarray:
     t.GetMatrixTransformToWorld(w)
     world = np.array([[w.GetElement(r, c) for c in range(4)] for r in range(4)])
     return world @ ijk
-
-
-def lps_geometry(ijk_to_ras: np.ndarray) -> dict:
-    """What a file written from ``ijk_to_ras`` says in ITK terms (LPS): spacing, origin, direction."""
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(ijk_to_ras, float)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    return {"spacing": spacing.tolist(), "origin": lps[:3, 3].tolist(),
-            "direction": (lps[:3, :3] / spacing[None, :]).ravel().tolist()}
 
 
 def _vtk_matrix(a: np.ndarray):
@@ -470,6 +461,3 @@ def segment_job_spec(inputs: dict[str, str], model: str | Path, device: str = "a
             "inputs": [f"{INPUTS_DIR}/{stem}.nrrd" for stem in inputs],
             "volume_ids": inputs}
 
-
-def write_json(path: Path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2))

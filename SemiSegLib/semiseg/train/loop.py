@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import resource
 import time
 from pathlib import Path
 from typing import Callable
@@ -63,6 +62,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource  # POSIX only (not on Windows Slicer)
+    except ImportError:
+        return float("nan")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
 
 
