@@ -14,7 +14,7 @@ from semiseg.data.datasets import load_phantom
 from semiseg.data.pipeline import Batch
 from semiseg.methods import MethodContext, get_method
 from semiseg.methods.parts.confidence import confidence_mask, entropy_mask, low_confidence_consistency
-from semiseg.methods.parts.prototypes import (FeatureMemory, PrototypeSeparation, SeparationOptions,
+from semiseg.methods.parts.prototypes import (PrototypeSeparation, SeparationOptions,
                                               memory_candidates, separation_loss)
 from semiseg.methods.parts.vat import (adversarial_direction, binary_dice_distance, frozen_bn_stats,
                                        l2_normalize_per_sample, soft_dice_distance, vat_loss)
@@ -306,6 +306,29 @@ def test_ss_net_acdc_total_loss_and_weight():
     expect = terms["sup"] + w * (terms["lds"] + 0.1 * (terms["sep_l"] + terms["sep_u"]))
     assert terms["loss"].item() == pytest.approx(expect.item(), rel=1e-5)
     assert terms["sep_l"].item() > 0 and terms["sep_u"].item() > 0 and terms["lds"].item() > 0
+
+
+def test_vat_grad_early_gives_the_same_loss_and_gradients():
+    """The memory-saving carrier (VAT graph consumed before the main forward) changes no number."""
+    b = two_stream()
+    grads, values = [], []
+    for early in (False, True):
+        torch.manual_seed(0)
+        net = build_network("unet", num_classes=4, upsampling="bilinear", dropout=(0, 0, 0, 0, 0))
+        cls = get_method("ss_net")
+        o = cls.default_options("acdc", 2)
+        o.vat_grad_early = early
+        m = cls(net, o, MethodContext(dim=2, num_classes=4, iterations=30000, preset="acdc")).train()
+        torch.manual_seed(5)  # without dropout the only random draw is the VAT start direction
+        terms = m.losses(b, 20000)
+        terms["loss"].backward()
+        values.append({k: v.item() for k, v in terms.items()})
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    scale = max(g.abs().max().item() for g in grads[0].values())
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6 * scale), k
 
 
 def test_ss_net_la_step_on_a_small_vnet_patch():

@@ -81,6 +81,10 @@ class Options(SeparationOptions, RampOptions, SSNetSupervisedOptions):
     vat_freeze_target_bn: bool = field(default=False, metadata={
         "help": "also freeze BN running statistics in the VAT target pass (the code does not: it is a plain "
                 "train-mode forward; the perturbed passes are always frozen)"})
+    vat_grad_early: bool = field(default=False, metadata={
+        "help": "memory saving (ours): run VAT before the main forward and fold its parameter gradient into a "
+                "carrier term, so its graph is freed before the main graph exists. Same loss value and gradients "
+                "up to rounding; random draws come in another order than the code's"})
 
 
 _ACDC = {}
@@ -111,7 +115,7 @@ class SeparationMethod(Method):
     def on_start(self, log) -> None:
         o = self.options
         cap = f"at most {o.sep_max_pixels} pixels per term (sampled, our deviation)" if o.sep_max_pixels else \
-            "every pixel (as the code; about 1.4 KB of activations per pixel, --sep-max-pixels bounds it)"
+            "every pixel (as the code; about 1 KB of activations per pixel, --sep-max-pixels bounds it)"
         log(f"{self.name}: separation terms on {cap}; memory {o.memory_per_class}/class, selection {o.memory_select}")
 
 
@@ -128,10 +132,25 @@ class SSNet(SeparationMethod):
         name = o.vat_distance if o.vat_distance != "auto" else ("soft_dice" if self.ctx.dim == 2 else "binary_dice")
         return DISTANCES[name]
 
+    def vat_term(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.options
+        return vat_loss(self.student, x, self.distance(), o.vat_xi, o.vat_eps, o.vat_power_iterations,
+                        freeze_target_bn=o.vat_freeze_target_bn)
+
+    def vat_term_early(self, x: torch.Tensor) -> torch.Tensor:
+        """``L_lds`` with its graph already consumed: value ``L_lds``, gradient ``∇θ L_lds`` through a carrier
+        ``Σ_p <p, g_p> − (same).detach()``, so the loop's backward gives the same parameter gradient."""
+        lds = self.vat_term(x)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(lds, params, allow_unused=True)
+        carrier = sum((p * g.detach()).sum() for p, g in zip(params, grads) if g is not None)
+        return lds.detach() + (carrier - carrier.detach())
+
     def losses(self, batch, step):
         o = self.options
         x = batch.image
         nl = batch.n_labeled
+        lds = self.vat_term_early(x) if o.vat_grad_early else None
         logits, feats = self.student(x, return_features=True)
         emb = feats.embedding
         self.separation.check(emb)
@@ -142,8 +161,8 @@ class SSNet(SeparationMethod):
         n_mem = self.separation.update_memory(emb[:nl], pred[:nl], label)
         sep_l = self.separation.term(emb[:nl], label)
         sep_u = self.separation.term(emb[nl:], pred[nl:]) if x.shape[0] > nl else sup.new_zeros(())
-        lds = vat_loss(self.student, x, self.distance(), o.vat_xi, o.vat_eps, o.vat_power_iterations,
-                       freeze_target_bn=o.vat_freeze_target_bn)
+        if lds is None:
+            lds = self.vat_term(x)
         w = self.weight(step)
         loss = sup + w * (lds + o.sep_weight * (sep_l + sep_u))
         return {"loss": loss, "sup": sup.detach(), "lds": lds.detach(), "sep_l": sep_l.detach(),

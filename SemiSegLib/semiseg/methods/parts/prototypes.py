@@ -191,7 +191,7 @@ class SeparationOptions:
         "choices": ["keep", "clear"]})
     sep_max_pixels: int = field(default=0, metadata={
         "help": "cap on pixels per separation term (labeled, unlabeled), drawn uniformly each step; bounds memory on "
-                "3D patches (the heads run per voxel, ~1.4 KB of activations each). 0 = every pixel (the code); "
+                "3D patches (the heads run per voxel, about 1 KB of activations each). 0 = every pixel (the code); "
                 "a cap is our deviation (BN1d statistics and the loss are then estimated on the sample)"})
 
 
