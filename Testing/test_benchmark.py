@@ -2,7 +2,10 @@
 and never counted twice, the protocol header naming exactly the options the runs used, valid PNG figures."""
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from semiseg.train.loop import Trainer
 TINY = {"patch_size": (32, 32), "labeled_batch": 2, "unlabeled_batch": 2, "iterations": 6, "val_every": 3,
         "checkpoint_every": 3, "log_every": 1, "deterministic": True, "device": "cpu", "threads": 1}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -187,10 +191,22 @@ def test_killed_run_is_resumed_and_not_counted_twice(grid):
     out, (done, killed) = grid
     assert B.run_state(done) == "done" and B.run_state(killed) == "resume"
     before = (done.dir / "metrics.json").read_bytes(), (done.dir / "progress.jsonl").read_bytes()
-    events = []
-    B.run_grid([done, killed], on_event=events.append, isolate=True, plots=False)  # the CLI's path: own process
+    # the real command: each run in its own process, then the tables
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "SemiSegLib"), str(ROOT / "SemiSegTrainer")]))
+    args = ["benchmark", "--data", "phantom:6", "--methods", "supervised", "--labeled", "2", "--seeds", "2",
+            "--no-plots", "--out", str(out), "--patch-size", "32", "32", "--deterministic"]
+    for k in ("labeled_batch", "unlabeled_batch", "iterations", "val_every", "checkpoint_every", "log_every",
+              "device", "threads"):
+        args += ["--" + k.replace("_", "-"), str(TINY[k])]
+    p = subprocess.run([sys.executable, "-m", "semiseg_trainer", "--json", *args], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    events = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     logs = [e["message"] for e in events if e["event"] == "log" and "run " in e.get("message", "")]
     assert "finished earlier, kept" in logs[0] and "resuming" in logs[1]
+    assert [e.get("run") for e in events if e["event"] == "started"] == [killed.name]
+    report = next(e for e in events if e["event"] == "report")
+    assert report["runs"] == 2 and Path(report["results_md"]) == out / "results.md"
     assert ((done.dir / "metrics.json").read_bytes(), (done.dir / "progress.jsonl").read_bytes()) == before
     raw = [json.loads(line) for line in (killed.dir / "progress.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in raw if e["event"] == "started"] == [0, 3]
@@ -202,9 +218,9 @@ def test_killed_run_is_resumed_and_not_counted_twice(grid):
     assert json.loads((killed.dir / "metrics.json").read_text())["iterations"] == 6
     records = B.collect_runs([out])
     assert sorted(r.seed for r in records) == [1337, 1338]
-    _, rows = table_rows(B.results_markdown(records), "## Results on")
+    _, rows = table_rows((out / "results.md").read_text(), "## Results on")
     assert [r[2] for r in rows] == ["2"]                            # n = 2 seeds, not 3
-    events.clear()
+    events = []
     B.run_grid([done, killed], on_event=events.append, isolate=False, plots=False)  # nothing left to train
     assert [e["event"] for e in events] == ["log", "log"] and all("kept" in e["message"] for e in events)
     changed = B.plan_grid("phantom:6", ["supervised"], [2], [1337], out, dict(TINY, iterations=8))

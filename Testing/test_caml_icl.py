@@ -280,6 +280,21 @@ def test_caml_resume_restores_the_memory_bank(tmp_path):
     assert not any(k.startswith(("branch_a", "proj", "pred", "memory")) for k in best["model"])
 
 
+def test_caml_3d_on_phantom_volumes_end_to_end(tmp_path):
+    # phantom volumes are 96x96x12: the UA-MT crop pads z by (16 - 12) // 2 + 3 = 5 per side for a 16-deep patch
+    cfg = {"data": "phantom:3", "labeled": 1, "dim": 3, "network": "vnet", "patch_size": (32, 32, 16), "labeled_batch": 1,
+           "unlabeled_batch": 1, "iterations": 2, "val_every": 0, "log_every": 1, "checkpoint_every": 100,
+           "deterministic": True, "device": "cpu", "threads": 1, "method": "caml",
+           "method_options": {"memory_per_class": 16}}
+    summary = Trainer(resolve_config(cfg), tmp_path).run()
+    assert 0.0 <= summary["val"]["mean"]["dice"] <= 1.0
+    ck = load_checkpoint(tmp_path / "best.pt")
+    assert ck["network"]["name"] == "vnet" and ck["network"]["upsampling"] == "transpose"
+    assert set(ck["model"]) == set(build_network("vnet", num_classes=4).state_dict())
+    mem = load_checkpoint(tmp_path / "last.pt")["training"]["method"]["memory._extra_state"]["entries"]
+    assert list(mem) == [0] and sum(t.shape[0] for t in mem[0]) > 0  # the one labeled volume's correct voxels
+
+
 # ------------------------------------------------------------------------------------------------ ICL
 def card_parameters(num_classes, size):
     """METHODS.md §2, layer by layer, for one SSPA/USCL module of the exact variant."""
@@ -452,21 +467,23 @@ def test_icl_checkpoint_is_a_plain_unet(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- phantom training
+# One labeled phantom volume (12 slices) + 7 unlabeled, 32x32, batch 2+2, 240 iterations, seed 1337,
+# deterministic, one thread; each pair shares its budget. Measured (CPU): supervised 0.8211 vs CAML 2D
+# 0.8462 at lr 0.03 (the phantom preset's); supervised 0.7901 vs icl_lite 0.8301 and icl 0.8124 at lr 0.01
+# (ICL's recipe lr). At lr 0.03 and 240 iterations ICL does not beat supervised (0.816 / 0.815 vs 0.821).
 PHANTOM = {"data": "phantom:8", "labeled": 1, "patch_size": (32, 32), "labeled_batch": 2, "unlabeled_batch": 2,
-           "iterations": 480, "val_every": 80, "log_every": 40, "checkpoint_every": 100000, "deterministic": True,
-           "device": "cpu", "threads": 1, "lr": 0.03}
+           "iterations": 240, "val_every": 40, "log_every": 40, "checkpoint_every": 100000, "deterministic": True,
+           "device": "cpu", "threads": 1}
 
 
-def best_dice(tmp_path, method, **opts):
-    cfg = dict(PHANTOM, method=method)
-    if opts:
-        cfg["method_options"] = opts
+def best_dice(tmp_path, method, lr):
+    cfg = dict(PHANTOM, method=method, lr=lr)
     return Trainer(resolve_config(cfg), tmp_path / method).run()["best_val_dice"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["caml", "icl_lite", "icl"])
-def test_method_beats_supervised_on_the_phantom(tmp_path, method):
-    sup = best_dice(tmp_path, "supervised")
-    ours = best_dice(tmp_path, method)
-    assert ours > sup + 0.01, (method, ours, sup)
+@pytest.mark.parametrize("method,lr", [("caml", 0.03), ("icl_lite", 0.01), ("icl", 0.01)])
+def test_method_beats_supervised_on_the_phantom(tmp_path, method, lr):
+    sup = best_dice(tmp_path, "supervised", lr)
+    ours = best_dice(tmp_path, method, lr)
+    assert ours > sup + 0.015, (method, ours, sup)

@@ -26,7 +26,6 @@ the process's peak RSS, which only means "this run's peak" in a process of its o
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math

@@ -409,7 +409,12 @@ def cmd_benchmark(ns, reporter) -> int:
         print(f"benchmark: {len(specs)} runs ({', '.join(methods)} x labeled {', '.join(map(str, labeled))} "
               f"x seeds {', '.join(map(str, seeds))}) in {out}")
     command = "semiseg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    benchmark.run_grid(specs, on_event=reporter, should_stop=StopFlag(out), isolate=True, plots=ns.plots,
+    def forward(e: dict) -> None:
+        if e.get("event") == "started":
+            reporter.last_val = ""  # the console line must not show the previous run's validation Dice
+        reporter(e)
+
+    benchmark.run_grid(specs, on_event=forward, should_stop=StopFlag(out), isolate=True, plots=ns.plots,
                        command=command)
     records = benchmark.collect_runs([s.dir for s in specs])
     _print_report(benchmark.write_report(records, out, plots=ns.plots, on_event=reporter), reporter)

@@ -15,7 +15,8 @@ Reference: ``Herschel555/CAML`` (``train_caml.py``, ``CAML3d_v1``); the code's b
   - ``L_o`` the omni-correlation consistency against a memory bank of labeled voxels that both branches
     predict correctly (projection heads in eval mode, features detached), 256 features per class,
     unlabeled voxels where the branches agree, top 12,800 per class by V's confidence, projection and
-    prediction heads in train mode over all agreeing voxels, ``softmax(g Mᵀ / 0.1)`` without L2
+    prediction heads in train mode over *all* agreeing voxels (as coded: the top-12,800 filter comes after
+    the heads, so BatchNorm statistics span every agreeing voxel), ``softmax(g Mᵀ / 0.1)`` without L2
     normalisation, cross-entropy with corr_a as the (not detached) target;
   - ``λ_c = 1.0·rampup``, ``λ_o = 0.05·rampup`` with ``sigmoid_rampup((it + 1) // 150, R)`` (the reference
     increments ``iter_num`` before computing the weights); R = 40/20/15 for 4/8/16 labels.
@@ -24,7 +25,7 @@ Reference: ``Herschel555/CAML`` (``train_caml.py``, ``CAML3d_v1``); the code's b
   generator instead of Python's ``random``.
 * 2D: SemiSeg's own extension (CAML was only run on LA): branch V = the UNet, branch A = the UNet with
   bilinear upsampling and the same CMA after its fourth encoder stage (128 channels, 1/8 resolution);
-  with more than two classes the Dice is averaged over the foreground classes.
+  its supervised Dice is the 2D lineage's multi-class Dice (MC-Net/SS-Net 2D) by default.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import SemiSegError
-from ..losses import dice_loss_foreground
+from ..losses import dice_loss_foreground, dice_loss_multiclass
 from ..schedules import consistency_weight
 from . import register_method
 from .base import Method
@@ -73,13 +74,18 @@ class Options:
         "help": "cross-sample mutual attention in branch A: intra+inter (code, cma_type v2+), inter, intra, none (ablations)",
         "choices": ["intra+inter", "inter", "intra", "none"]})
     cma_dropout: float = field(default=0.5, metadata={"help": "dropout of the CMA transformer layers (code 0.5)"})
+    dice: str = field(default="auto", metadata={
+        "help": "supervised Dice (Dice only, as coded): binary = 1 − (2Σpy + 1e-8)/(Σp + Σy + 1e-8) on the foreground "
+                "(CAML/SS-Net 3D; averaged over foreground classes if more), multiclass = SSL4MIS Dice over all classes "
+                "(MC-Net/SS-Net 2D); auto = binary in 3D, multiclass in 2D (SemiSeg's 2D extension)",
+        "choices": ["auto", "binary", "multiclass"]})
     aux_upsampling: str = field(default="auto", metadata={
         "help": "branch A upsampling: auto = trilinear (V-Net, as coded) / bilinear (UNet, SemiSeg's 2D extension)",
         "choices": ["auto", "trilinear", "bilinear", "transpose"]})
 
 
 PRESETS = {
-    "phantom": {"rampup_iterations": 200},
+    "phantom": {"rampup_iterations": 60},
 }
 
 
@@ -87,7 +93,8 @@ PRESETS = {
 class CAML(Method):
     description = ("CAML (MICCAI 2023): V-Net + auxiliary V-Net with cross-sample mutual attention, sharpened "
                    "mutual consistency and omni-correlation consistency on a labeled-voxel memory; inference "
-                   "= branch V (a plain V-Net). The 2D UNet variant is SemiSeg's own extension.")
+                   "= branch V (a plain V-Net). The memory bank lives on the training device (the reference's is on "
+                   "the host: same semantics). The 2D UNet variant is SemiSeg's own extension.")
     Options = Options
     option_presets = PRESETS
     recipe = {"la": {"lr_schedule": "constant", "lr": 0.01, "iterations": 15000, "labeled_batch": 2,
@@ -128,8 +135,13 @@ class CAML(Method):
                 consistency_weight(step + 1, o.consistency_o, self.ramp))
 
     def supervised(self, probs: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Binary Dice on the foreground (SS-Net/CAML ``Binary_dice_loss``: non-squared, smooth 1e-8);
-        averaged over the foreground classes when there are more (2D extension)."""
+        """Binary Dice on the foreground (SS-Net/CAML ``Binary_dice_loss``: non-squared, smooth 1e-8), or
+        the SSL4MIS multi-class Dice of the 2D lineage (MC-Net/SS-Net 2D) for the 2D extension."""
+        kind = self.options.dice
+        if kind == "auto":
+            kind = "binary" if self.ctx.dim == 3 else "multiclass"
+        if kind == "multiclass":
+            return dice_loss_multiclass(probs, label)
         return dice_loss_foreground(probs, label, smooth=1e-8, squared=False)
 
     @torch.no_grad()

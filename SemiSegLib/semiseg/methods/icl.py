@@ -51,10 +51,10 @@ class Options:
     drop_path: float = field(default=0.02, metadata={"help": "drop-path rate of the class decoders' residual branches (code: 0.02 = linspace(0, 0.1, 6)[1])"})
     train_size: tuple[int, ...] = field(default=(), metadata={
         "help": "exact icl only: training size (H W) the token-axis MLPs are built for (N = H·W/64, /16, /4); "
-                "empty = the run's patch size. " + LR_NOTE})
+                "empty = the run's patch size"})
     memory_check: bool = field(default=True, metadata={
         "help": "estimate the training memory before the first iteration and stop with an error when it cannot fit"})
-    run: dict = field(default_factory=dict, metadata={
+    run: dict = field(default=None, metadata={
         "help": "filled in from the run configuration (batch sizes, patch size); not a user option"})
 
 
@@ -94,8 +94,13 @@ class ICL(Method):
 
     @classmethod
     def configure_options(cls, options: dict, cfg) -> dict:
-        if cls.exact and not options.get("train_size"):
-            options["train_size"] = tuple(cfg.patch_size)
+        if cls.exact:
+            if not options.get("train_size"):
+                options["train_size"] = tuple(cfg.patch_size)
+            elif tuple(options["train_size"]) != tuple(cfg.patch_size):
+                raise SemiSegError(f"icl (exact): --train-size {tuple(options['train_size'])} differs from the patch "
+                                   f"size {tuple(cfg.patch_size)}; the token-axis MLPs only work at the size they "
+                                   f"were built for")
         options["run"] = {"labeled_batch": cfg.labeled_batch, "unlabeled_batch": cfg.unlabeled_batch,
                           "patch_size": list(cfg.patch_size)}
         return options
@@ -120,7 +125,7 @@ class ICL(Method):
         self.uscl = SemanticProxyModule(ctx.num_classes, tokens, drop_path=options.drop_path)
 
     def _train_size(self) -> tuple[int, int]:
-        size = tuple(self.options.train_size) or tuple(self.options.run.get("patch_size", ()))
+        size = tuple(self.options.train_size) or tuple((self.options.run or {}).get("patch_size", ()))
         if not size:
             size = tuple(DATA_PRESETS.get(self.ctx.preset, DATA_PRESETS["generic2d"])["patch_size"])
         if len(size) != 2 or any(s % 16 for s in size):
@@ -185,11 +190,13 @@ class ICL(Method):
             y = torch.zeros(labeled_batch, h, w, dtype=torch.long)
         param_ids = {id(p) for p in twin.parameters()}
         saved: dict[int, int] = {}
+        alive = []  # keep every saved tensor referenced so that ids stay unique (meta: costs nothing)
 
         def pack(t):
             base = t._base if t._base is not None else t
             if id(t) not in param_ids and id(base) not in param_ids:
                 saved[id(t)] = t.numel() * t.element_size()
+                alive.append(t)
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -200,12 +207,12 @@ class ICL(Method):
 
     def on_start(self, log) -> None:
         device = next(self.parameters()).device
-        run = self.options.run
+        run = self.options.run or {}
         bl = int(run.get("labeled_batch") or 8)
         bu = int(run.get("unlabeled_batch") or 8)
         est = self.memory_estimate(bl, bu, device.type)
         h, w = self.train_size
-        variant = "exact" if self.exact else "lite (SemiSeg deviation)"
+        variant = "exact" if self.exact else "light variant, a SemiSeg deviation"
         msg = (f"{self.name} ({variant}): {est['parameters']:,} parameters ({est['module_parameters']:,} in SSPA+USCL, "
                f"training only); estimated fp32 training memory at {h}x{w}, batch {bl}+{bu}: weights "
                f"{_gb(est['weights'])} + gradients {_gb(est['gradients'])} + SGD momentum {_gb(est['momentum'])} + "
