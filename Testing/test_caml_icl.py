@@ -11,7 +11,7 @@ from semiseg.checkpoint import load_checkpoint
 from semiseg.config import resolve_config
 from semiseg.data.pipeline import Batch
 from semiseg.errors import SemiSegError
-from semiseg.losses import dice_loss_multiclass, supervised_loss
+from semiseg.losses import supervised_loss
 from semiseg.methods import MethodContext, get_method
 from semiseg.methods import icl as icl_mod
 from semiseg.methods.caml import rampup_for_labels

@@ -35,7 +35,7 @@ from .unimatch import FeatureStreamOptions
 
 
 @dataclass
-class Options(ConsistencyOptions, FeatureStreamOptions, StrongAugOptions):
+class Options(StrongAugOptions, FeatureStreamOptions, ConsistencyOptions):
     conf_thresh: float = field(default=0.9, metadata={
         "help": "confidence threshold τ (AGP code configs/acdc.yaml: 0.9; the paper's parent UniMatch used 0.95)"})
     threshold_s1: float = field(default=0.3, metadata={

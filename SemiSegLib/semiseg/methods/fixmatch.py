@@ -14,7 +14,7 @@ from .parts.weak_strong import ConsistencyOptions, CutMixOptions, StrongAugOptio
 
 
 @dataclass
-class Options(ConsistencyOptions, StrongAugOptions, CutMixOptions):
+class Options(CutMixOptions, StrongAugOptions, ConsistencyOptions):
     conf_thresh: float = field(default=0.95, metadata={
         "help": "confidence threshold τ: pseudo-labeled pixels below it are ignored (UniMatch's FixMatch 0.95)"})
     weight_strong: float = field(default=1.0, metadata={

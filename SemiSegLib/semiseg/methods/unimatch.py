@@ -22,7 +22,7 @@ class FeatureStreamOptions:
 
 
 @dataclass
-class Options(ConsistencyOptions, FeatureStreamOptions, StrongAugOptions, CutMixOptions):
+class Options(CutMixOptions, StrongAugOptions, FeatureStreamOptions, ConsistencyOptions):
     fp_dropout: float = field(default=0.5, metadata={
         "help": "channel dropout rate on every encoder feature for the feature stream (UniMatch nn.Dropout2d(0.5); "
                 "Dropout3d on the V-Net, SemiSeg extension)"})
