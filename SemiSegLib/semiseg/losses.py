@@ -46,15 +46,29 @@ def dice_loss_foreground(probs: torch.Tensor, target: torch.Tensor, smooth: floa
     return torch.stack(losses).mean()
 
 
-def supervised_loss(logits: torch.Tensor, label: torch.Tensor, kind: str, dice: str = "multiclass") -> torch.Tensor:
+DICE_SMOOTH = {"multiclass": 1e-5, "foreground": 1e-5, "binary": 1e-8}
+
+
+def dice_loss(probs: torch.Tensor, label: torch.Tensor, form: str, smooth: float | None = None) -> torch.Tensor:
+    """The Dice forms of the lineage: ``multiclass`` (SSL4MIS ``DiceLoss``, all classes, squared),
+    ``foreground`` (UA-MT, foreground channels, squared) or ``binary`` (SS-Net/CAML ``Binary_dice_loss``,
+    foreground channels, plain sums). ``smooth`` defaults to the form's constant (``DICE_SMOOTH``)."""
+    if form not in DICE_SMOOTH:
+        raise ValueError(f"unknown Dice form '{form}' (multiclass, foreground, binary)")
+    smooth = DICE_SMOOTH[form] if smooth is None else smooth
+    if form == "multiclass":
+        return dice_loss_multiclass(probs, label, smooth=smooth)
+    return dice_loss_foreground(probs, label, smooth=smooth, squared=form == "foreground")
+
+
+def supervised_loss(logits: torch.Tensor, label: torch.Tensor, kind: str, dice: str = "multiclass",
+                    smooth: float | None = None) -> torch.Tensor:
     """The supervised-loss conventions of the literature (METHODS.md §0.5).
 
     kind: ``half_ce_dice`` = ½(CE + Dice) (SSL4MIS, UA-MT, UniMatch); ``dice`` = Dice only (SS-Net, CAML);
-    ``ce_plus_dice`` = CE + Dice (ICL).  dice: ``multiclass`` (all classes incl. background, SSL4MIS 2D)
-    or ``foreground`` (UA-MT 3D binary Dice on the foreground).
+    ``ce_plus_dice`` = CE + Dice (ICL).  dice: a form of ``dice_loss`` (multiclass, foreground, binary).
     """
-    probs = torch.softmax(logits.float(), dim=1)
-    d = dice_loss_multiclass(probs, label) if dice == "multiclass" else dice_loss_foreground(probs, label)
+    d = dice_loss(torch.softmax(logits.float(), dim=1), label, dice, smooth)
     if kind == "dice":
         return d
     ce = F.cross_entropy(logits.float(), label.long())
@@ -63,8 +77,3 @@ def supervised_loss(logits: torch.Tensor, label: torch.Tensor, kind: str, dice: 
     if kind == "ce_plus_dice":
         return ce + d
     raise ValueError(f"unknown supervised loss '{kind}' (half_ce_dice, dice, ce_plus_dice)")
-
-
-def softmax_mse(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-    """Elementwise squared difference of softmax outputs, (B, C, *S) (SSL4MIS ``softmax_mse_loss``)."""
-    return (torch.softmax(student_logits.float(), dim=1) - teacher_probs.float()) ** 2

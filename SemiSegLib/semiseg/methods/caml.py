@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import SemiSegError
-from ..losses import dice_loss_foreground, dice_loss_multiclass
+from ..losses import dice_loss
 from ..schedules import consistency_weight
 from . import register_method
 from .base import Method
@@ -140,9 +140,7 @@ class CAML(Method):
         kind = self.options.dice
         if kind == "auto":
             kind = "binary" if self.ctx.dim == 3 else "multiclass"
-        if kind == "multiclass":
-            return dice_loss_multiclass(probs, label)
-        return dice_loss_foreground(probs, label, smooth=1e-8, squared=False)
+        return dice_loss(probs, label, kind)
 
     @torch.no_grad()
     def update_memory(self, emb_v, emb_a, p_v, p_a, label, indices) -> torch.Tensor:

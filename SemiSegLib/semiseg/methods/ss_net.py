@@ -17,9 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from ..losses import dice_loss_foreground, dice_loss_multiclass
+from ..losses import supervised_loss
 from ..schedules import consistency_weight
 from . import register_method
 from .base import Method
@@ -40,25 +39,10 @@ class SSNetSupervisedOptions:
 
 
 def ssnet_supervised_loss(logits: torch.Tensor, label: torch.Tensor, kind: str, dice: str, dim: int) -> torch.Tensor:
-    """The SS-Net lineage's supervised loss (METHODS.md §0.5) on labeled logits (B, C, *S)."""
+    """The SS-Net lineage's supervised loss (METHODS.md §0.5): ``auto`` Dice is the 2D multi-class form with
+    SS-Net's smoothing 1e-10, or the 3D binary form (1e-8)."""
     form = dice if dice != "auto" else ("multiclass" if dim == 2 else "binary")
-    probs = torch.softmax(logits.float(), dim=1)
-    if form == "multiclass":
-        d = dice_loss_multiclass(probs, label, smooth=1e-10)
-    elif form == "binary":
-        d = dice_loss_foreground(probs, label, smooth=1e-8, squared=False)
-    elif form == "foreground":
-        d = dice_loss_foreground(probs, label)
-    else:
-        raise ValueError(f"unknown Dice form '{dice}'")
-    if kind == "dice":
-        return d
-    ce = F.cross_entropy(logits.float(), label.long())
-    if kind == "half_ce_dice":
-        return 0.5 * (ce + d)
-    if kind == "ce_plus_dice":
-        return ce + d
-    raise ValueError(f"unknown supervised loss '{kind}' (dice, half_ce_dice, ce_plus_dice)")
+    return supervised_loss(logits, label, kind, form, smooth=1e-10 if form == "multiclass" else None)
 
 
 @dataclass
