@@ -10,14 +10,15 @@ import json
 import shutil
 from pathlib import Path
 
+from semiseg.errors import SemiSegError
+
 MODEL_FILE = "model.pt"
 INFO_FILE = "model.json"
 FORMAT = "semiseg-model"
 
 
-class ModelError(Exception):
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+class ModelError(SemiSegError):
+    """A saved-model problem, as one line (SemiSegError folds the message)."""
 
 
 def job_model_info(job_dir) -> dict:

@@ -18,17 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from semiseg.errors import SemiSegError
 
 DATA_DIR = "data"
 INPUTS_DIR = "inputs"
 DATASET_CSV = "dataset.csv"
 
 
-class ExportError(Exception):
+class ExportError(SemiSegError):
     """A problem with the user's nodes, as one actionable line."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 def _slicer():
