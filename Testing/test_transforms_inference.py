@@ -5,7 +5,7 @@ import scipy.ndimage as ndi
 import torch
 
 from semiseg.data.transforms import random_crop_3d, random_generator_2d, zoom_nearest
-from semiseg.inference import largest_component, predict_2d, predict_3d, window_starts
+from semiseg.inference import importance_map, largest_component, predict_2d, predict_3d, window_starts
 
 
 @pytest.mark.parametrize("shape,out", [((224, 154), (256, 256)), ((256, 256), (224, 154)), ((7, 3), (16, 16)),
@@ -81,3 +81,54 @@ def test_largest_component_per_class():
     diag = np.zeros((3, 3, 3), np.uint8)
     diag[0, 0, 0] = diag[1, 1, 1] = 1  # 26-connected: one component
     assert largest_component(diag, [1]).sum() == 2
+
+
+class ConstantNet(torch.nn.Module):
+    """Same logits at every voxel, whatever the input."""
+    def __init__(self, logits=(0.3, 1.2, -0.5)):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(logits))
+
+    def forward(self, x):
+        return self.logits.view(1, -1, 1, 1, 1).expand(x.shape[0], -1, *x.shape[2:])
+
+
+def _conv_net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv3d(4, 3, 3, padding=1)).eval()
+
+
+def test_gaussian_weighting_equals_uniform_where_windows_agree():
+    vol = np.random.default_rng(1).random((30, 26, 20)).astype(np.float32) * 2
+    lu, pu = predict_3d(ConstantNet(), vol, (16, 16, 8), (5, 7, 3), return_probs=True)
+    lg, pg = predict_3d(ConstantNet(), vol, (16, 16, 8), (5, 7, 3), return_probs=True, weighting="gaussian")
+    assert np.array_equal(lu, lg) and (lu == 1).all()
+    expected = torch.softmax(torch.tensor([0.3, 1.2, -0.5]), 0).numpy()
+    assert np.allclose(pg, expected[:, None, None, None], atol=1e-6) and np.allclose(pu, pg, atol=1e-6)
+    # a voxel-wise segmenter: every window predicts the same for a voxel, so any weighting is exact
+    truth = (vol > 0.5).astype(np.uint8) + (vol > 1.5)
+    assert np.array_equal(predict_3d(ThresholdNet(), vol, (16, 16, 8), (5, 7, 3), weighting="gaussian"), truth)
+
+
+def test_gaussian_weighting_changes_a_context_dependent_result_and_map_shape():
+    vol = np.random.default_rng(2).random((28, 24, 20)).astype(np.float32)
+    pu = predict_3d(_conv_net(), vol, (16, 16, 16), (4, 4, 4), return_probs=True, half=False)[1]
+    pg = predict_3d(_conv_net(), vol, (16, 16, 16), (4, 4, 4), return_probs=True, half=False, weighting="gaussian")[1]
+    assert not np.allclose(pu, pg, atol=1e-7) and np.allclose(pg.sum(0), 1, atol=1e-5)
+    g = importance_map((32, 32, 16))
+    assert g.max() == 1 and g[16, 16, 8] == 1 and g.min() > 0
+    # sigma = 32/8 = 4 voxels: one sigma from the centre along x the weight is about exp(-1/2)
+    assert abs(g[20, 16, 8] - np.exp(-0.5)) < 0.01 and abs(g[16, 16, 10] - np.exp(-0.5 * (2 / 2) ** 2)) < 0.01
+
+
+def test_single_window_returns_the_models_argmax_and_batch_size_is_irrelevant():
+    net = _conv_net(3)
+    vol = np.random.default_rng(3).normal(size=(16, 16, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(vol)[None, None]).argmax(1)[0].numpy()
+    assert np.array_equal(predict_3d(net, vol, (16, 16, 8), (4, 4, 4), half=False), ref)
+    big = np.random.default_rng(4).normal(size=(30, 27, 19)).astype(np.float32)
+    outs = [predict_3d(net, big, (16, 16, 8), (6, 5, 4), batch=b, half=False, return_probs=True) for b in (1, 3, 64)]
+    for lab, prob in outs[1:]:
+        assert np.array_equal(lab, outs[0][0]) and np.allclose(prob, outs[0][1], atol=1e-6)

@@ -125,3 +125,92 @@ def random_crop_3d(image: torch.Tensor, label: torch.Tensor | None, patch: tuple
     starts = [int(torch.randint(0, s - p + 1, (1,), generator=gen)) for s, p in zip(image.shape, patch)]
     sl = tuple(slice(st, st + p) for st, p in zip(starts, patch))
     return image[sl], (label[sl] if label is not None else None)
+
+
+# ------------------------------------------------------------------------------------ batched versions
+# The functions above are the per-sample REFERENCE implementations (kept for tests and as the
+# definition). The classes below apply the very same transforms to a whole batch in a few tensor
+# operations on the device holding the data; their random parameters are drawn on the CPU
+# generator with the same calls in the same order as the references, so the batches are identical.
+
+def draw_random_generator_2d(b: int, gen: torch.Generator, max_angle: int = 20) -> torch.Tensor:
+    """The draws of :func:`random_generator_2d` for ``b`` samples, as one transform code per sample:
+    0 = unchanged, 1 + 2·k + axis = rot90·k then flip, 9 + angle + max_angle = rotation by ``angle``."""
+    u1 = torch.rand(b, generator=gen)
+    u2 = torch.rand(b, generator=gen)
+    k = torch.randint(0, 4, (b,), generator=gen)
+    axis = torch.randint(0, 2, (b,), generator=gen)
+    angle = torch.randint(-max_angle, max_angle, (b,), generator=gen)
+    return torch.where(u1 > 0.5, 1 + 2 * k + axis,
+                       torch.where(u2 > 0.5, 9 + angle + max_angle, torch.zeros_like(k)))
+
+
+class BatchedRandomGenerator2D:
+    """:func:`random_generator_2d` for a whole batch: every possible transform (identity, 8 rot90/flip,
+    2·max_angle nearest rotations) is precomputed once as a pixel-index map on the CPU with the
+    reference operations, so a batch is one table lookup and one ``gather`` on the data's device."""
+
+    def __init__(self, size: tuple[int, int], device: torch.device | str = "cpu", max_angle: int = 20):
+        x, y = size
+        n = x * y
+        if x != y:
+            raise ValueError(f"2D training size {tuple(size)} must be square (rot90 augmentation)")
+        if n + 1 >= 2 ** 24:
+            raise ValueError(f"2D training size {tuple(size)} too large for the float32 index maps")
+        self.size, self.max_angle = (x, y), max_angle
+        idx = (torch.arange(n, dtype=torch.float32) + 1).reshape(x, y)  # 0 = zero fill
+        maps = [idx] + [torch.flip(torch.rot90(idx, k, (0, 1)), (a,)) for k in range(4) for a in range(2)]
+        angles = torch.arange(-max_angle, max_angle, dtype=torch.float32)
+        rot = rotate_nearest(idx.expand(len(angles), 1, x, y).contiguous(), angles)[:, 0]
+        table = torch.cat([torch.stack(maps), rot]).reshape(-1, n)
+        self.table = table.round().long().to(device)  # (49 + ..., n): 0 = zero fill, else 1 + source pixel
+
+    def draw(self, b: int, gen: torch.Generator) -> torch.Tensor:
+        return draw_random_generator_2d(b, gen, self.max_angle)
+
+    def apply(self, image: torch.Tensor, label: torch.Tensor | None, code: torch.Tensor):
+        """(B, 1, X, Y) image, (B, X, Y) label or None, (B,) codes on the data's device."""
+        b = image.shape[0]
+        m = self.table.index_select(0, code.to(self.table.device))  # (B, n) values 0..n
+        zero = image.new_zeros(b, 1)
+        out = torch.cat([zero, image.reshape(b, -1)], 1).gather(1, m).reshape(image.shape)
+        lab = None
+        if label is not None:
+            lab = torch.cat([label.new_zeros(b, 1), label.reshape(b, -1)], 1).gather(1, m).reshape(label.shape)
+        return out, lab
+
+    def apply_indexed(self, images: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor, code: torch.Tensor):
+        """The same on a store laid out as (N, 1 + X·Y) with a zero in column 0: the slices ``idx`` are
+        copied out (contiguous rows) and transformed with one ``gather`` each."""
+        m = self.table.index_select(0, code)
+        b = len(idx)
+        out = images.index_select(0, idx).gather(1, m).reshape(b, 1, *self.size)
+        lab = labels.index_select(0, idx).gather(1, m).reshape(b, *self.size) if labels is not None else None
+        return out, lab
+
+
+def rot_flip_source_map(k: int, axis: int, x: int, y: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Where ``flip(rot90(v, k, (0, 1)), axis)[i, j]`` reads ``v``: source x = c + a·i + b·j and
+    source y = c' + a'·i + b'·j, returned as ((c, a, b), (c', a', b')) for a volume of x-y size (x, y)."""
+    sr = (x, y) if k % 2 == 0 else (y, x)
+    # flip in the rotated frame: (i, j) -> (i0, j0)
+    i0 = (sr[0] - 1, -1, 0) if axis == 0 else (0, 1, 0)
+    j0 = (0, 0, 1) if axis == 0 else (sr[1] - 1, 0, -1)
+
+    def neg(e, c):  # c - e
+        return (c - e[0], -e[1], -e[2])
+    k %= 4
+    if k == 0:
+        return i0, j0
+    if k == 1:
+        return j0, neg(i0, y - 1)
+    if k == 2:
+        return neg(i0, x - 1), neg(j0, y - 1)
+    return neg(j0, x - 1), i0
+
+
+def ua_mt_crop_pads(shape: tuple[int, ...], patch: tuple[int, ...]) -> list[int]:
+    """Per-axis padding of :func:`random_crop_3d` for a (rotated) volume shape."""
+    if any(s <= p for s, p in zip(shape, patch)):
+        return [max((p - s) // 2 + 3, 0) for s, p in zip(shape, patch)]
+    return [0] * len(shape)
