@@ -55,6 +55,11 @@ class Method(nn.Module):
         Other entries (detached or not) are logged."""
         raise NotImplementedError
 
+    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """``losses`` as the module's forward, so the loop can call the method through a
+        DistributedDataParallel wrapper (which reduces the gradients of what forward used)."""
+        return self.losses(batch, step)
+
     def on_start(self, log) -> None:
         """Called once before the first iteration with ``log(message)`` (e.g. a memory estimate).
         Raise ``SemiSegError`` here when the run cannot work (it will not fit, say)."""

@@ -2,7 +2,12 @@
 
 It owns what methods must not care about: device and precision, seeding, the optimiser and lr
 schedule, the EMA teacher, validation and checkpoint selection, atomic checkpoints and exact resume,
-progress events, cancellation and clear errors. A method only returns its loss terms.
+progress events, cancellation and clear errors, and data-parallel training over several processes
+(``torchrun``; see :mod:`.distributed`). A method only returns its loss terms.
+
+One training step is :meth:`Trainer.train_step` (used by the loop and by ``semiseg bench``): it does not
+read anything back to the host; the loss terms accumulate on the device and are read once per
+``log_every`` window (all-reduced over the ranks in the same single collective).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from ..evaluation import evaluate_cases, summarize
 from ..methods import MethodContext, get_method
 from ..networks import build_network
 from ..schedules import ema_decay, learning_rate
+from . import distributed as D
 
 EventHandler = Callable[[dict], None]
 
@@ -69,6 +75,35 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
 
 
+def resolve_precision(precision: str, amp: bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = fp32). ``auto``: bf16 on a CUDA GPU that supports it, fp16 (with loss
+    scaling) on other GPUs, fp32 on the CPU; ``amp=False`` makes ``auto`` fp32 (older configs)."""
+    if precision in ("", "auto"):
+        if not amp or device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise SemiSegError("--precision bf16: this GPU does not support bfloat16 (use fp16 or auto)")
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise SemiSegError("--precision fp16 needs a CUDA device (on the CPU use bf16 or fp32)")
+        return torch.float16
+    raise SemiSegError(f"unknown precision '{precision}' (auto, fp32, bf16, fp16)")
+
+
+def _channels_last(batch):
+    cl = torch.channels_last
+    batch.labeled_image = batch.labeled_image.contiguous(memory_format=cl)
+    if batch.unlabeled_image is not None:
+        batch.unlabeled_image = batch.unlabeled_image.contiguous(memory_format=cl)
+    batch.extra_unlabeled = [t.contiguous(memory_format=cl) for t in batch.extra_unlabeled]
+    return batch
+
+
 @torch.no_grad()
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
     """θ_t ← α θ_t + (1 − α) θ_s over the parameters (SSL4MIS ``update_ema_variables``), one fused call."""
@@ -89,9 +124,12 @@ class Trainer:
         self.data = data
         self.on_event = on_event
         self.should_stop = should_stop or (lambda: False)
+        self.dist = D.DistInfo()  # set by _setup (several processes under torchrun)
 
     # ------------------------------------------------------------------------------ events
     def emit(self, event: str, **fields) -> None:
+        if not self.dist.is_main:  # rank 0 alone writes the run folder and reports
+            return
         rec = {"event": event, "time": round(time.time(), 3), **fields}
         with open(self.out / "progress.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -101,11 +139,15 @@ class Trainer:
     # ------------------------------------------------------------------------------ set-up
     def _setup(self):
         cfg = self.cfg
-        self.device = select_device(cfg.device)
+        self.dist, device_name = D.setup(cfg.device)
+        self.device = select_device(device_name)
+        D.check_divisible(self.dist, cfg.labeled_batch,
+                          cfg.unlabeled_batch if get_method(cfg.method).uses_unlabeled else 0)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        seed_everything(cfg.seed, cfg.deterministic)
-        data = self.data or load_dataset(cfg.data, cfg.labeled, cfg.val_split or None, cfg.test_split or None, cfg.dim)
+        seed_everything(cfg.seed, cfg.deterministic)  # identical on every rank: identical initial weights
+        data = self.data or load_dataset(cfg.data, cfg.labeled, cfg.val_split or None, cfg.test_split or None, cfg.dim,
+                                         class_map=cfg.class_map)
         self.data = data
         method_cls = get_method(cfg.method)
         if method_cls.uses_unlabeled and not data.unlabeled:
@@ -132,20 +174,38 @@ class Trainer:
                 p.requires_grad_(False)
             self.method.teacher = teacher
         self.method.train()
+        self.channels_last = bool(cfg.channels_last and cfg.dim == 2)
+        if self.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        self.method.student = D.convert_sync_bn(self.method.student, self.dist, self.device, cfg.sync_bn)
+        if cfg.compile:  # in place (nn.Module.compile): state_dict keys stay plain, checkpoints unchanged
+            self.method.student.compile()
         params = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        # the loop calls the method as a module (forward = losses) so DDP can reduce its gradients
+        self.model = D.wrap(self.method, self.dist, self.device,
+                            cfg.find_unused_parameters or getattr(method_cls, "ddp_find_unused_parameters", False))
+        if self.dist.enabled and self.dist.rank > 0:
+            torch.manual_seed(cfg.seed + self.dist.rank)  # weights are set: per-rank dropout/noise from here on
+        src_kw = {}
+        self._shard_here = False
+        if self.dist.enabled:  # batch sizes are global; each rank trains on its contiguous slice of each stream
+            if D.source_accepts_sharding(BatchSource):
+                src_kw = {"rank": self.dist.rank, "world_size": self.dist.world_size}
+            else:
+                self._shard_here = True
         self.source = BatchSource(data.labeled, data.unlabeled if method_cls.uses_unlabeled else [], cfg.dim,
                                   tuple(cfg.patch_size), data.normalization, cfg.labeled_batch,
                                   cfg.unlabeled_batch if method_cls.uses_unlabeled else 0, cfg.seed, self.device,
-                                  method_cls.extra_unlabeled_streams)
+                                  method_cls.extra_unlabeled_streams, data_on_device=cfg.data_on_device,
+                                  foreground_share=cfg.foreground_share, prefetch=cfg.prefetch, **src_kw)
         self.meta = {
             "dim": cfg.dim, "patch_size": list(cfg.patch_size), "stride": list(cfg.stride or cfg.patch_size),
             "resize": cfg.resize, "normalization": data.normalization, "lcc": cfg.lcc,
             "classes": [c.to_dict() for c in data.classes], "method": cfg.method, "dataset": data.kind,
+            "plan": getattr(data, "plan", None),  # semiseg.planning: segment applies the same preprocessing
         }
-        self.amp_dtype = None
-        if cfg.amp and self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = resolve_precision(cfg.precision, cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def _model_payload(self, step: int, metrics: dict) -> dict:
@@ -153,7 +213,15 @@ class Trainer:
         return {"network": dict(net.config), "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                 "meta": self.meta, "config": self.cfg.to_dict(), "iteration": step, "metrics": metrics}
 
+    def _rng_state(self) -> dict:
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+
     def _save_last(self, step: int) -> None:
+        """Every rank calls this (it gathers each rank's random state); rank 0 writes."""
+        rank_rng = D.gather_objects(self._rng_state(), self.dist) if self.dist.enabled else None
+        if not self.dist.is_main:
+            return
         payload = self._model_payload(step, {"best_val_dice": self.best, "best_iteration": self.best_step})
         payload["training"] = {
             "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -161,6 +229,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "step": step, "best": self.best, "best_step": self.best_step, "elapsed": self.elapsed,
+            "rank_rng": rank_rng, "world_size": self.dist.world_size,
         }
         save_checkpoint(self.out / "last.pt", payload)
         self.emit("checkpoint", kind="last", iteration=step, path=str(self.out / "last.pt"))
@@ -182,6 +251,12 @@ class Trainer:
         torch.set_rng_state(tr["torch_rng"].cpu())
         if tr.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in tr["cuda_rng"]])
+        rank_rng = tr.get("rank_rng")
+        if self.dist.enabled and rank_rng and len(rank_rng) == self.dist.world_size:
+            mine = rank_rng[self.dist.rank]
+            torch.set_rng_state(mine["torch"].cpu())
+            if mine.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"].cpu(), self.device)
         self.best, self.best_step, self.elapsed = tr["best"], tr["best_step"], tr.get("elapsed", 0.0)
         return int(tr["step"])
 
@@ -203,52 +278,88 @@ class Trainer:
                   dice_per_class={k: v["dice"] for k, v in s["per_class"].items()})
         return dice
 
+    # ------------------------------------------------------------------------------ one step
+    def next_batch(self):
+        """This rank's part of the next global batch."""
+        batch = self.source.next()
+        if self._shard_here:
+            batch = D.shard_batch(batch, self.dist.rank, self.dist.world_size)
+        return batch
+
+    def train_step(self, batch, step: int) -> tuple[dict[str, torch.Tensor], float]:
+        """One optimisation step (learning rate, forward under autocast, backward, optimiser, EMA).
+        Returns the loss terms (device tensors, not read back) and the learning rate."""
+        cfg = self.cfg
+        lr = learning_rate(step, cfg.lr, cfg.lr_schedule, cfg.iterations, cfg.lr_step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        if self.channels_last:
+            batch = _channels_last(batch)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            terms = self.model(batch, step)
+        loss = terms["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.method.teacher is not None:  # on every rank: identical weights stay identical
+            ema_update(self.method.teacher, self.method.student, ema_decay(step, cfg.ema_decay))
+        return terms, lr
+
     # ------------------------------------------------------------------------------ main
     def run(self, resume: bool = False) -> dict:
+        try:
+            return self._run(resume)
+        finally:
+            if getattr(self, "dist", None) is not None:
+                D.teardown(self.dist)
+
+    def _run(self, resume: bool) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         self._setup()
         cfg = self.cfg
+        main = self.dist.is_main
         self.best, self.best_step, self.elapsed = -1.0, -1, 0.0
         self.train_seconds = 0.0  # time in training steps only (no validation, no checkpoints)
         start = self._resume() if resume else 0
-        if not resume:
-            (self.out / "progress.jsonl").unlink(missing_ok=True)
-        atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        if main:
+            if not resume:
+                (self.out / "progress.jsonl").unlink(missing_ok=True)
+            atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        extra = {"world_size": self.dist.world_size} if self.dist.enabled else {}
         self.emit("started", iteration=start, iterations=cfg.iterations, method=cfg.method, device=str(self.device),
-                  data=self.data.summary(), selection=cfg.selection, run_dir=str(self.out))
+                  data=self.data.summary(), selection=cfg.selection, run_dir=str(self.out),
+                  precision=str(self.amp_dtype or torch.float32).replace("torch.", ""), **extra)
         self.method.on_start(lambda message: self.emit("log", level="info", message=str(message)))
         sums: dict[str, torch.Tensor] = {}
         n_acc, t_window, last_logged = 0, time.perf_counter(), start
         t_start = time.perf_counter() - self.elapsed
         step = start
+        stop_requested = False  # several ranks: agreed at log boundaries, so every rank stops at the same step
         try:
             for step in range(start, cfg.iterations):
-                if self.should_stop():
+                if self.dist.enabled:
+                    stop_now = stop_requested
+                else:
+                    stop_now = self.should_stop()
+                if stop_now:
                     self.elapsed = time.perf_counter() - t_start
                     self._save_last(step)
                     self.emit("finished", status="cancelled", iteration=step)
                     raise CancelledError(f"training cancelled at iteration {step}; resume with --resume")
-                lr = learning_rate(step, cfg.lr, cfg.lr_schedule, cfg.iterations, cfg.lr_step)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                batch = self.source.next()
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
-                    terms = self.method.losses(batch, step)
-                loss = terms["loss"]
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if self.method.teacher is not None:
-                    ema_update(self.method.teacher, self.method.student, ema_decay(step, cfg.ema_decay))
+                batch = self.next_batch()
+                terms, lr = self.train_step(batch, step)
                 for k, v in terms.items():  # accumulate on device: no host sync per iteration
                     v = v.detach().float()
                     sums[k] = sums[k] + v if k in sums else v
                 n_acc += 1
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.iterations:
-                    means = {k: float(v) / n_acc for k, v in sums.items()}
+                    flag = float(self.should_stop()) if self.dist.enabled else 0.0
+                    reduced, stops = D.all_reduce_mean(sums, self.dist, flag)  # the one host read of the window
+                    stop_requested = stop_requested or stops > 0
+                    means = {k: v / n_acc for k, v in reduced.items()}
                     if not math.isfinite(means["loss"]):
                         raise SemiSegError(f"the loss became {means['loss']} between iterations {last_logged} and {done}; "
                                            f"last good checkpoint: {self.out / 'last.pt'} (try a lower --lr)")
@@ -262,7 +373,9 @@ class Trainer:
                     t_window = now
                 if cfg.val_every and self.val_refs and done % cfg.val_every == 0:
                     t0 = time.perf_counter()
-                    self._validate(done)
+                    if main:  # rank 0 validates; the others wait (no duplicated validation work)
+                        self._validate(done)
+                    D.barrier(self.dist)
                     t_window += time.perf_counter() - t0  # validation time is not training speed
                 if done % cfg.checkpoint_every == 0 and done != cfg.iterations:
                     self.elapsed = time.perf_counter() - t_start
@@ -273,7 +386,7 @@ class Trainer:
                                f"last checkpoint kept in {self.out}") from None
         self.elapsed = time.perf_counter() - t_start
         self._save_last(cfg.iterations)
-        if cfg.selection == "final" or self.best_step < 0:
+        if main and (cfg.selection == "final" or self.best_step < 0):
             save_checkpoint(self.out / "best.pt", self._model_payload(cfg.iterations, {}))
             self.best_step = cfg.iterations
         summary = {
@@ -284,6 +397,12 @@ class Trainer:
             "it_per_s": round((cfg.iterations - start) / max(self.train_seconds, 1e-9), 3),
             "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),
         }
+        if self.dist.enabled:
+            summary["world_size"] = self.dist.world_size
+        if not main:  # the final evaluation and metrics.json are rank 0's
+            D.barrier(self.dist)
+            summary["rank"] = self.dist.rank
+            return summary
         if self.data.val:
             final = self._final_eval(self.data.val)
             summary["val"] = final
@@ -294,6 +413,7 @@ class Trainer:
                  for k, v in summary.items()}
         self.emit("finished", status="completed", iteration=cfg.iterations, metrics=brief,
                   outputs={"best": str(self.out / "best.pt"), "last": str(self.out / "last.pt")})
+        D.barrier(self.dist)
         return summary
 
     def _final_eval(self, refs) -> dict:

@@ -1,0 +1,59 @@
+"""`semiseg bench`: the JSON holds the promised measurements with sane relations, warm-up steps are not
+measured, and the table lists every method (tiny phantom configuration, CPU)."""
+import json
+
+import pytest
+
+from semiseg.bench import bench_method
+from semiseg.config import resolve_config
+from semiseg_trainer.cli import main
+
+TINY = ["--data", "phantom:6", "--labeled", "2", "--patch-size", "32", "32", "--labeled-batch", "2",
+        "--unlabeled-batch", "2", "--device", "cpu", "--threads", "1", "--inference-volumes", "1"]
+
+
+def test_bench_json_and_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["--no-json", "bench", "--method", "supervised,mean_teacher", "--iterations", "3", "--warmup", "2",
+               *TINY, "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    table = text[text.index("method"):]
+    lines = table.splitlines()
+    assert lines[2].split()[0] == "supervised" and lines[3].split()[0] == "mean_teacher"
+    doc = json.loads(out.read_text())
+    assert "bench" in doc["command"] and [r["method"] for r in doc["results"]] == ["supervised", "mean_teacher"]
+    for r in doc["results"]:
+        assert r["iterations"] == 3 and r["warmup"] == 2  # the measured count excludes the warm-up
+        assert r["it_per_s"] > 0 and r["seconds"] > 0
+        assert abs(r["it_per_s"] * r["seconds"] - 3) < 0.05 * 3  # it/s is measured steps over measured time
+        assert 0 <= r["data_share"] <= 1 and 0 <= r["data_seconds"] <= r["seconds"]
+        assert r["memory_kind"] in ("cpu_peak_rss_reset", "cpu_peak_rss_lifetime") and r["peak_memory_mb"] > 0
+        if r["memory_kind"] == "cpu_peak_rss_reset":
+            assert 0 <= r["peak_growth_mb"] <= r["peak_memory_mb"]
+        assert r["inference_volumes"] == 1 and r["inference_s_per_volume"] > 0
+        assert r["offset"] == resolve_config({"data": "phantom:6", "method": r["method"]}).iterations // 2
+    sup, mt = doc["results"]
+    assert sup["unlabeled_batch"] == 0 and mt["unlabeled_batch"] == 2 and sup["precision"] == "float32"
+
+
+def test_bench_runs_the_training_step(tmp_path):
+    """bench calls the Trainer's own training step (no second copy), warmup + iterations times, at the
+    iteration numbers offset, offset + 1, ...; --inference-volumes 0 skips inference."""
+    cfg = resolve_config({"data": "phantom:6", "labeled": 2, "patch_size": (32, 32), "labeled_batch": 2,
+                          "method": "supervised", "device": "cpu", "threads": 1, "deterministic": True})
+    seen = []
+    from semiseg.train import loop
+    orig = loop.Trainer.train_step
+
+    def spy(self, batch, step):
+        seen.append(step)
+        return orig(self, batch, step)
+
+    loop.Trainer.train_step = spy
+    try:
+        r = bench_method(cfg, warmup=1, iterations=2, inference_volumes=0, offset=7)
+    finally:
+        loop.Trainer.train_step = orig
+    assert seen == [7, 8, 9] and r["iterations"] == 2 and r["inference_s_per_volume"] is None
+    assert r["final_loss"] > 0
