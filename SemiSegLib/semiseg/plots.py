@@ -219,7 +219,7 @@ def plot_qualitative(run_dir: str | Path, path: str | Path, n_panels: int = QUAL
     ckpt = load_checkpoint(d / "best.pt")
     meta, cfg = ckpt["meta"], ckpt.get("config") or json.loads((d / "config.json").read_text())
     data = load_dataset(cfg["data"], cfg.get("labeled") or None, cfg.get("val_split") or None,
-                        cfg.get("test_split") or None, cfg.get("dim"))
+                        cfg.get("test_split") or None, cfg.get("dim"), class_map=cfg.get("class_map") or "")
     refs, split = (data.val, "val") if data.val else (data.test, "test")
     if not refs:
         raise SemiSegError(f"{d}: the dataset has no validation or test case to show")

@@ -10,7 +10,7 @@ import torch
 from .checkpoint import load_checkpoint, network_from_checkpoint
 from .data.datasets import IMAGE_SUFFIXES, _stem
 from .data.io import read_volume, write_labelmap, write_segmentation
-from .data.volume import ClassInfo
+from .data.volume import ClassInfo, Volume
 from .errors import SemiSegError
 from .inference import predict_volume
 
@@ -31,14 +31,28 @@ class Segmenter:
         return predict_volume(self.net, image, self.meta, lcc=self.lcc, stride=self.stride,
                               half=self.device.type == "cuda")
 
+    def predict_on_grid(self, vol: Volume) -> np.ndarray:
+        """Labels on the volume's own grid. With a plan in the checkpoint (semiseg.planning) the image is
+        normalised, re-indexed and resampled as in training, predicted there, and the labels are
+        resampled back (one-hot linear) onto the input's exact spacing, origin, direction and size."""
+        plan = self.meta.get("plan")
+        if not plan:
+            return self.predict_array(vol.array)
+        from .planning import preprocess_image, restore_label
+        if not np.isfinite(vol.array).all():
+            raise SemiSegError("input image contains NaN or infinite values")
+        pre = preprocess_image(vol, plan)
+        pred = self.predict_array(pre.array)
+        return restore_label(pred, pre.geometry, vol.geometry, vol.array.shape)
+
     def segment_file(self, path: str | Path, out_dir: str | Path) -> dict:
         path, out_dir = Path(path), Path(out_dir)
         vol = read_volume(path)
         image = vol.array
-        if self.meta["dim"] == 3 and image.ndim == 3 and any(s < 16 for s in image.shape):
+        if self.meta["dim"] == 3 and image.ndim == 3 and any(s < 16 for s in image.shape) and not self.meta.get("plan"):
             raise SemiSegError(f"{path}: size {image.shape} is too small for the 3D model")
         try:
-            pred = self.predict_array(image)
+            pred = self.predict_on_grid(vol)
         except SemiSegError as e:
             raise SemiSegError(f"{path}: {e}") from None
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Datasets named on the command line, resolved into labeled / unlabeled / val / test case lists.
 
 A dataset is named ``acdc:PATH``, ``la:PATH``, ``phantom`` (``phantom:N`` for N training volumes),
+``phantom_ct[:N]`` (the CT-like phantom, 3D),
 a folder of image/label files, or a CSV (columns ``image``, ``label`` (may be empty), optional
 ``split`` in train/val/test). Each case is a lazy reference: nothing is read until training needs
 it, and an unlabeled case carries no label reader at all, so the unlabeled pool's labels are never
@@ -32,6 +33,8 @@ class CaseRef:
     name: str
     image_loader: Callable[[], Volume]
     label_loader: Callable[[], Volume] | None = None
+    sources: tuple[str, ...] = ()  # files the case is read from (keys the preprocessing cache); () = in memory
+    label_key: str = ""  # what besides the files changes the loaded label (the class matching): a cache key part
 
     @property
     def has_label(self) -> bool:
@@ -57,6 +60,7 @@ class DataSplits:
     test: list[CaseRef] = field(default_factory=list)
     normalization: str = "none"    # applied to every image before training and inference
     description: str = ""
+    plan: dict | None = None       # the preprocessing plan the cases went through (semiseg.planning), if any
 
     def summary(self) -> str:
         return (f"{self.kind}: {len(self.labeled)} labeled, {len(self.unlabeled)} unlabeled, "
@@ -209,6 +213,36 @@ def load_phantom(n_train: int, labeled: int, n_val: int = 4, n_test: int = 4, se
         description=f"built-in phantom: {labeled} labeled + {n_train - labeled} unlabeled volumes")
 
 
+def load_phantom_ct(n_train: int, labeled: int, n_val: int = 4, n_test: int = 4, seed: int = 0) -> DataSplits:
+    """The CT-like phantom (3D, isotropic, Hounsfield units; :mod:`semiseg.data.phantom_ct`): training
+    volumes 0..n_train-1 (the first ``labeled`` labeled), validation 1000+i and test 2000+i."""
+    from .phantom_ct import CT_PHANTOM_CLASSES, make_ct_phantom_case
+
+    cache: dict[int, tuple[Volume, Volume]] = {}
+
+    def case(i: int) -> tuple[Volume, Volume]:
+        if i not in cache:
+            cache[i] = make_ct_phantom_case(i, seed=seed)
+        return cache[i]
+
+    def ref(i: int, with_label: bool) -> CaseRef:
+        name = f"phantom_ct_{i:03d}"
+        return CaseRef(name, lambda: _named(case(i)[0], name),
+                       (lambda: _named(case(i)[1], name)) if with_label else None)
+
+    if not 1 <= labeled <= n_train:
+        raise SemiSegError(f"--labeled {labeled} must be between 1 and the {n_train} CT phantom training volumes")
+    # intensities are Hounsfield units: per-volume z-score until a plan chooses CT clipping
+    return DataSplits(
+        kind="phantom_ct", dim=3, classes=list(CT_PHANTOM_CLASSES),
+        labeled=[ref(i, True) for i in range(labeled)],
+        unlabeled=[ref(i, False) for i in range(labeled, n_train)],
+        val=[ref(1000 + i, True) for i in range(n_val)],
+        test=[ref(2000 + i, True) for i in range(n_test)],
+        normalization="zscore",
+        description=f"built-in CT phantom: {labeled} labeled + {n_train - labeled} unlabeled volumes")
+
+
 def _named(v: Volume, name: str) -> Volume:
     return Volume(v.array, v.geometry, name, v.spacing_known)
 
@@ -233,18 +267,28 @@ def _file_refs(image: Path, label: Path | None, classes_holder: dict) -> CaseRef
 
     def load_label() -> Volume:
         img = read_volume(image)
-        lab, classes = read_label(label, classes_holder.get("classes"))
+        lab, classes = read_label(label, classes_holder.get("classes"),
+                                  classes_holder.get("mappings", {}).get(str(label)))
         check_same_grid(img, lab, image, label)
         classes_holder.setdefault("classes", classes)
         return Volume(lab.array, lab.geometry, name, lab.spacing_known)
 
-    return CaseRef(name, lambda: _named(read_volume(image), name), load_label if label else None)
+    label_key = ""
+    if label is not None:
+        import json
+        label_key = json.dumps({"classes": [[c.value, c.name] for c in classes_holder.get("classes", [])],
+                                "mapping": {str(k): v for k, v in
+                                            classes_holder.get("mappings", {}).get(str(label), {}).items()}},
+                               sort_keys=True)
+    return CaseRef(name, lambda: _named(read_volume(image), name), load_label if label else None,
+                   tuple(str(p) for p in (image, label) if p is not None), label_key)
 
 
-def load_files(spec: str, labeled: int | None, dim: int) -> DataSplits:
+def load_files(spec: str, labeled: int | None, dim: int, class_map="") -> DataSplits:
     """A folder (``X.nrrd`` + ``X.seg.nrrd``/``X.label.nrrd``/``X_label.nii.gz``; unpaired images are unlabeled)
-    or a CSV with columns image,label[,split]."""
-    from .io import read_label
+    or a CSV with columns image,label[,split]. Classes are matched across all label files (segment names,
+    labelmap values) with :func:`semiseg.data.io.match_label_classes`; ``class_map`` renames sources."""
+    from .io import match_label_classes
 
     path = Path(spec)
     rows: list[tuple[Path, Path | None, str]] = []
@@ -281,9 +325,13 @@ def load_files(spec: str, labeled: int | None, dim: int) -> DataSplits:
     n = len(train_lab) if not labeled else labeled
     if n > len(train_lab):
         raise SemiSegError(f"--labeled {n} but only {len(train_lab)} labeled cases in {spec}")
-    # classes come from the first label file, so every case is mapped to the same class table
-    _, classes = read_label(train_lab[0][1])
+    # one class table for every label file (the first labeled training segmentation is the reference),
+    # with each file's explicit source -> class value mapping; disagreements fail here, before training
+    label_files = [l for _, l, _ in train_lab] + [l for _, l, s in rows if l is not None and s != "train"]
+    classes, holder["mappings"] = match_label_classes([str(l) for l in label_files], class_map)
     holder["classes"] = classes
+    if not classes:
+        raise SemiSegError(f"no class in the label files of {spec} (every label file is empty)")
     extra_val = train_lab[n:]  # labeled cases beyond --labeled validate the model instead of idling
     return DataSplits(
         kind="files", dim=dim, classes=classes,
@@ -296,9 +344,12 @@ def load_files(spec: str, labeled: int | None, dim: int) -> DataSplits:
 
 
 def load_dataset(spec: str, labeled: int | None = None, val_split: str | None = None,
-                 test_split: str | None = None, dim: int | None = None) -> DataSplits:
-    """Resolve a dataset name into its splits (see the module docstring)."""
+                 test_split: str | None = None, dim: int | None = None, class_map="") -> DataSplits:
+    """Resolve a dataset name into its splits (see the module docstring). ``class_map`` matches classes
+    across the label files of a folder/CSV (:func:`semiseg.data.io.parse_class_map`)."""
     kind, _, arg = spec.partition(":")
+    if class_map and kind in ("acdc", "la", "phantom", "phantom_ct"):
+        raise SemiSegError(f"class_map applies to a folder or CSV of label files, not to the built-in '{kind}' data")
     if kind == "acdc":
         return load_acdc(Path(os.path.expanduser(arg)), labeled or 7, val_split, test_split)
     if kind == "la":
@@ -306,4 +357,7 @@ def load_dataset(spec: str, labeled: int | None = None, val_split: str | None = 
     if kind == "phantom":
         n_train = int(arg) if arg else 20
         return load_phantom(n_train, labeled or 4)
-    return load_files(spec, labeled, dim or 3)
+    if kind == "phantom_ct":
+        n_train = int(arg) if arg else 20
+        return load_phantom_ct(n_train, labeled or 4)
+    return load_files(spec, labeled, dim or 3, class_map)

@@ -23,6 +23,7 @@ from .volume import ClassInfo, Geometry, Volume
 
 __all__ = [
     "DEFAULT_PALETTE", "default_color", "read_volume", "read_label", "check_same_grid",
+    "normalize_class_name", "parse_class_map", "label_file_classes", "match_label_classes",
     "write_volume", "write_labelmap", "write_segmentation", "is_segmentation_file",
 ]
 
@@ -238,7 +239,8 @@ def is_segmentation_file(path) -> bool:
     return any(re.match(r"^Segment\d+_ID$", key) for key in header)
 
 
-def read_label(path, classes: Sequence[ClassInfo] | None = None) -> tuple[Volume, list[ClassInfo]]:
+def read_label(path, classes: Sequence[ClassInfo] | None = None,
+               mapping: dict | None = None) -> tuple[Volume, list[ClassInfo]]:
     """Read a labelmap (integer NRRD/NIfTI/MHA) or a Slicer segmentation (``.seg.nrrd``).
 
     Returns the labelmap (uint8, or int16 for values above 255) in (x, y, z) and its classes.
@@ -249,15 +251,21 @@ def read_label(path, classes: Sequence[ClassInfo] | None = None) -> tuple[Volume
       are matched to them by name (case-insensitive) and voxels get the matching class's value.
     * Plain labelmap: classes are ``class_<v>`` for each non-zero value present (palette colours),
       unless ``classes`` is given, in which case every value present must be one of theirs.
+    * ``mapping`` (with ``classes``; made by :func:`match_label_classes`): the explicit output value of
+      every segment (key: :func:`normalize_class_name` of its name) or label value (key: the int);
+      0 drops it. Several sources may map to one value (merged).
     """
     path = os.fspath(path)
     _check_readable(path, "label file")
+    if mapping is not None and classes is None:
+        raise ValueError("read_label: a mapping needs the classes it maps to")
     if is_segmentation_file(path):
-        return _read_segmentation(path, classes)
-    return _read_labelmap(path, classes)
+        return _read_segmentation(path, classes, mapping)
+    return _read_labelmap(path, classes, mapping)
 
 
-def _read_labelmap(path: str, classes: Sequence[ClassInfo] | None) -> tuple[Volume, list[ClassInfo]]:
+def _read_labelmap(path: str, classes: Sequence[ClassInfo] | None,
+                   mapping: dict | None = None) -> tuple[Volume, list[ClassInfo]]:
     img, arr = _read_sitk(path, "label file")
     if arr.ndim == 4:
         raise SemiSegError(f"cannot read label file {path}: it has {arr.shape[-1]} components per voxel, "
@@ -275,7 +283,17 @@ def _read_labelmap(path: str, classes: Sequence[ClassInfo] | None) -> tuple[Volu
     max_value = int(values[-1]) if values.size else 0
     arr = arr.astype(_label_dtype(max_value, path), copy=False)
     present = [int(v) for v in values if v != 0]
-    if classes is not None:
+    if mapping is not None:
+        unknown = [v for v in present if v not in mapping]
+        if unknown:
+            raise SemiSegError(f"label file {path} holds label value(s) {', '.join(map(str, unknown))} "
+                               f"that the class matching does not know (was the file changed?)")
+        lut = np.zeros(max_value + 1, dtype=np.int64)
+        for v in present:
+            lut[v] = int(mapping[v])
+        arr = lut[arr].astype(_label_dtype(int(lut.max(initial=0)), path), copy=False)
+        out_classes = [ClassInfo(c.value, c.name, tuple(c.color)) for c in classes]
+    elif classes is not None:
         known = {c.value for c in classes}
         unknown = [v for v in present if v not in known]
         if unknown:
@@ -317,7 +335,8 @@ def _format_reference_geometry(ijk_to_lps: np.ndarray, shape: Sequence[int]) -> 
     return ";".join(values) + ";"
 
 
-def _read_segmentation(path: str, classes: Sequence[ClassInfo] | None) -> tuple[Volume, list[ClassInfo]]:
+def _read_segmentation(path: str, classes: Sequence[ClassInfo] | None,
+                       mapping: dict | None = None) -> tuple[Volume, list[ClassInfo]]:
     import slicerio
     try:
         seg = slicerio.read_segmentation(path)
@@ -366,7 +385,15 @@ def _read_segmentation(path: str, classes: Sequence[ClassInfo] | None) -> tuple[
                                f"which cannot be combined into one labelmap")
 
     # label values of the output
-    if classes is not None:
+    if mapping is not None:
+        values = []
+        for name in names:
+            if normalize_class_name(name) not in mapping:
+                raise SemiSegError(f"segmentation {path} has segment '{name}' that the class matching does "
+                                   f"not know (was the file changed?)")
+            values.append(int(mapping[normalize_class_name(name)]))
+        out_classes = [ClassInfo(c.value, c.name, tuple(c.color)) for c in classes]
+    elif classes is not None:
         by_name = {c.name.strip().lower(): c for c in classes}
         values = []
         for name in names:
@@ -444,6 +471,195 @@ def check_same_grid(image: Volume, label: Volume, image_path, label_path) -> Non
             f"label {os.fspath(label_path)} does not share the grid of image {os.fspath(image_path)}: "
             f"image {image.geometry.describe(tuple(image.shape[:3]))} vs "
             f"label {label.geometry.describe(tuple(label.shape[:3]))}")
+
+
+# ----------------------------------------------------------------------------------------------
+# classes across label files
+
+_DROP = ("background", "0")  # class_map targets that remove a source (its voxels become background)
+
+
+def normalize_class_name(name) -> str:
+    """The key segment names are matched by: case-insensitive, trimmed, inner whitespace collapsed."""
+    return " ".join(str(name).split()).casefold()
+
+
+def parse_class_map(spec) -> dict[str, str]:
+    """``class_map`` option -> {normalised source: canonical class name}.
+
+    ``spec`` is ``"source=class; source=class"`` (``;`` or new lines between entries), a JSON object
+    ``{"source": "class"}`` given inline or as a ``.json`` file path, or a dict. A source is a segment
+    name (matched case-insensitively) or a label value of a plain labelmap (``"4=kidney"``); the class
+    ``background`` (or ``0``) drops that source.
+    """
+    if spec is None or spec == "" or spec == {}:
+        return {}
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    else:
+        text = str(spec).strip()
+        source = "class_map"
+        if not text.startswith("{") and text.lower().endswith(".json"):
+            if not os.path.isfile(os.path.expanduser(text)):
+                raise SemiSegError(f"class_map file not found: {text}")
+            source = os.path.expanduser(text)
+            with open(source) as f:
+                text = f.read().strip()
+        if text.startswith("{"):
+            import json
+            try:
+                obj = json.loads(text)
+            except ValueError as exc:
+                raise SemiSegError(f"cannot parse {source} as JSON: {exc}") from None
+            if not isinstance(obj, dict):
+                raise SemiSegError(f"{source} must be a JSON object mapping source names to classes")
+            items = list(obj.items())
+        else:
+            items = []
+            for entry in re.split(r"[;\n]", text):
+                if not entry.strip():
+                    continue
+                if "=" not in entry:
+                    raise SemiSegError(f"class_map entry '{entry.strip()}' is not 'source=class'")
+                src, _, dst = entry.rpartition("=")
+                items.append((src, dst))
+    out: dict[str, str] = {}
+    for src, dst in items:
+        key, target = normalize_class_name(src), " ".join(str(dst).split())
+        if not key or not target:
+            raise SemiSegError(f"class_map entry '{str(src).strip()}={str(dst).strip()}' has an empty side")
+        if key in out and normalize_class_name(out[key]) != normalize_class_name(target):
+            raise SemiSegError(f"class_map maps '{str(src).strip()}' twice: to '{out[key]}' and to '{target}'")
+        out[key] = target
+    return out
+
+
+def label_file_classes(path) -> tuple[str, list[ClassInfo]]:
+    """The classes one label file holds, as :func:`read_label` would return them without ``classes``:
+    ``("segments", ...)`` for a Slicer segmentation (from its header only) or ``("values", ...)`` for a
+    plain labelmap (the non-zero values present; this reads the voxels)."""
+    path = os.fspath(path)
+    _check_readable(path, "label file")
+    if not is_segmentation_file(path):
+        return "values", _read_labelmap(path, None)[1]
+    import slicerio
+    try:
+        seg = slicerio.read_segmentation(path, skip_voxels=True)
+    except Exception as exc:
+        raise SemiSegError(f"cannot read segmentation {path}: {_short_reason(exc)}") from None
+    segments = list(seg.get("segments") or [])
+    values = [int(s.get("labelValue", 1)) for s in segments]
+    if len(set(values)) != len(values) or any(v <= 0 for v in values):
+        values = list(range(1, len(segments) + 1))  # as _read_segmentation numbers them
+    out = []
+    for i, (s, v) in enumerate(zip(segments, values)):
+        color = s.get("color")
+        color = tuple(float(c) for c in color[:3]) if color is not None and len(color) >= 3 else default_color(v)
+        out.append(ClassInfo(v, str(s.get("name", s.get("id", f"segment {i + 1}"))), color))
+    return "segments", out
+
+
+def _quoted(names) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def match_label_classes(files, class_map=None) -> tuple[list[ClassInfo], dict[str, dict]]:
+    """Match the classes of several label files; returns (classes, {path: mapping for read_label}).
+
+    ``files``: label file paths, or (path, kind, classes) triples from :func:`label_file_classes`.
+    Rules: ``class_map`` (see :func:`parse_class_map`) renames sources first. Slicer segmentations are
+    matched by segment name (case-insensitive): the first one is the reference and every other must
+    hold exactly its names, else a one-line SemiSegError names both files and the differing names.
+    Plain labelmaps are matched by label value: to the reference segmentation's values, or, when the
+    data set has labelmaps only, the classes are the union of the values present (``class_<v>`` unless
+    renamed). The resulting classes are numbered 1..K in the order of their source values (the
+    network's output channels), so non-contiguous source values are renumbered.
+    """
+    cmap = parse_class_map(class_map)
+    scans = [(os.fspath(f[0]), f[1], list(f[2])) if isinstance(f, tuple) else (os.fspath(f), *label_file_classes(f))
+             for f in files]
+    if not scans:
+        return [], {}
+    hint = "; fix it with the class_map option (e.g. --class-map 'source name=class name')"
+
+    def seg_entries(classes):
+        """[(key, canonical name or None if dropped, source value, colour)] of a segmentation."""
+        out = []
+        for c in classes:
+            target = cmap.get(normalize_class_name(c.name), c.name)
+            out.append((normalize_class_name(c.name), None if target.casefold() in _DROP else target, c.value, c.color))
+        return out
+
+    def value_target(v):
+        t = cmap.get(str(int(v)))
+        return t, (t is not None and t.casefold() in _DROP)
+
+    # canonical classes: [name, source value, colour]; key = normalised name
+    canon: dict[str, list] = {}
+    ref = next((sc for sc in scans if sc[1] == "segments"), None)
+    if ref is not None:
+        ref_path = ref[0]
+        for key, target, value, color in seg_entries(ref[2]):
+            if target is not None and normalize_class_name(target) not in canon:
+                canon[normalize_class_name(target)] = [target, value, color]
+    else:
+        ref_path = None
+        for _, _, file_classes in scans:
+            for c in file_classes:
+                t, drop = value_target(c.value)
+                if drop:
+                    continue
+                name = t if t is not None else f"class_{c.value}"
+                entry = canon.setdefault(normalize_class_name(name), [name, c.value, default_color(c.value)])
+                entry[1] = min(entry[1], c.value)
+    order = sorted(canon, key=lambda k: (canon[k][1], list(canon).index(k)))
+    classes = [ClassInfo(i + 1, canon[k][0], tuple(canon[k][2])) for i, k in enumerate(order)]
+    value_of = {k: i + 1 for i, k in enumerate(order)}
+    ref_entries = seg_entries(ref[2]) if ref is not None else []
+    # a segmentation reference's source label value -> output value (labelmaps are matched by value)
+    ref_value = {v: (value_of[normalize_class_name(t)] if t is not None else 0) for _, t, v, _ in ref_entries}
+    ref_name_of_value = {v: t for _, t, v, _ in ref_entries if t is not None}
+
+    mappings: dict[str, dict] = {}
+    for path, kind, file_classes in scans:
+        mapping: dict = {}
+        if kind == "segments":  # then ref is a segmentation: match by (mapped) name
+            entries = seg_entries(file_classes)
+            have = {normalize_class_name(t): t for _, t, _, _ in entries if t is not None}
+            missing = [canon[k][0] for k in order if k not in have]
+            extra = [t for k, t in have.items() if k not in canon]
+            if missing or extra:
+                parts = []
+                if missing:
+                    parts.append(f"{path} lacks {_quoted(missing)} which {ref_path} has")
+                if extra:
+                    parts.append(f"{path} has {_quoted(extra)} which {ref_path} lacks")
+                for _, t, v, _ in entries:  # same value, other name: the likely renaming
+                    if t is not None and normalize_class_name(t) not in canon and v in ref_name_of_value \
+                            and normalize_class_name(ref_name_of_value[v]) not in have:
+                        parts.append(f"value {v} is '{ref_name_of_value[v]}' in {ref_path} but '{t}' in {path}")
+                raise SemiSegError(f"label files disagree on the classes: {'; '.join(parts)}{hint}")
+            for key, target, _, _ in entries:
+                mapping[key] = value_of[normalize_class_name(target)] if target is not None else 0
+        else:
+            for c in file_classes:
+                t, drop = value_target(c.value)
+                if drop:
+                    mapping[c.value] = 0
+                elif t is not None:
+                    if normalize_class_name(t) not in value_of:
+                        raise SemiSegError(f"class_map maps label value {c.value} of {path} to '{t}', which is not "
+                                           f"a class of {ref_path} ({_describe_classes(classes)})")
+                    mapping[c.value] = value_of[normalize_class_name(t)]
+                elif ref is None:
+                    mapping[c.value] = value_of[normalize_class_name(f"class_{c.value}")]
+                elif c.value in ref_value:
+                    mapping[c.value] = ref_value[c.value]
+                else:
+                    raise SemiSegError(f"label files disagree on the classes: label value {c.value} in {path} is "
+                                       f"none of the values of {ref_path} ({_describe_classes(ref[2])}){hint}")
+        mappings[path] = mapping
+    return classes, mappings
 
 
 def _checked_labelmap(labelmap: np.ndarray, path: str) -> np.ndarray:
