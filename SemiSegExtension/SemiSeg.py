@@ -78,6 +78,7 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.sourceOverrides: dict[str, str] = {}   # segmentation ID -> volume ID picked by hand
         self.optionWidgets: dict[str, object] = {}
         self.optionsContainer = None
+        self.trainingWidgets = {}
         self.methodInfos = {}
 
     # ------------------------------------------------------------------ setup
@@ -192,6 +193,17 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label.toolTip = o.help
             form.addRow(label, w)
             self.optionWidgets[o.name] = (o, w)
+        # the training options shared by every method (lr, schedule, EMA, precision, planning, class map, ...)
+        heading = qt.QLabel("<b>" + _tr("Training (all methods)") + "</b>")
+        form.addRow(heading)
+        self.trainingWidgets = {}
+        for o in self.logic.trainingOptions(name, dim, preset):
+            w = self._optionWidget(o)
+            w.toolTip = o.help
+            label = qt.QLabel(o.label + ":")
+            label.toolTip = o.help
+            form.addRow(label, w)
+            self.trainingWidgets[o.name] = (o, w)
         self.ui.methodOptionsFrame.layout().addWidget(self.optionsContainer)
         defaults = self.logic.resolvedDefaults(name, dim, preset)
         for box, key in ((self.ui.iterationsSpinBox, "iterations"), (self.ui.labeledBatchSpinBox, "labeled_batch"),
@@ -223,20 +235,28 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return w
 
     def methodOptions(self) -> dict:
-        """Only the options the user changed from the displayed default."""
+        """Only the method options the user changed from the displayed default."""
+        return self._changedValues(self.optionWidgets)
+
+    def trainingOptions(self) -> dict:
+        """Only the training options the user changed from the displayed default."""
+        return self._changedValues(getattr(self, "trainingWidgets", {}))
+
+    @staticmethod
+    def _changedValues(widgets) -> dict:
         out = {}
-        for name, (o, w) in self.optionWidgets.items():
+        for name, (o, w) in widgets.items():
             if o.kind == "bool":
                 v = bool(w.checked)
             elif o.kind in ("int", "float"):
                 v = type(o.default)(w.value)
             elif o.kind == "choice":
                 v = w.currentData
-            elif o.kind == "ints":
-                v = [int(x) for x in w.text.split()]
+            elif o.kind in ("ints", "floats"):
+                v = [(int if o.kind == "ints" else float)(x) for x in w.text.split()]
             else:
                 v = w.text
-            if v != o.default and not (o.kind == "ints" and list(v) == list(o.default)):
+            if v != o.default and not (o.kind in ("ints", "floats") and list(v) == list(o.default)):
                 out[name] = v
         return out
 
@@ -299,7 +319,8 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 labeledBatch=self.ui.labeledBatchSpinBox.value, unlabeledBatch=self.ui.unlabeledBatchSpinBox.value,
                 device=self.ui.deviceComboBox.currentData or "auto", methodOptions=self.methodOptions(),
                 validationCases=self.ui.validationCasesSpinBox.value,
-                allowMissingClasses=self.ui.allowMissingClassesCheckBox.checked, waitForCompletion=False)
+                allowMissingClasses=self.ui.allowMissingClassesCheckBox.checked,
+                extraConfig=self.trainingOptions(), waitForCompletion=False)
             self.logic.showPlot()
         self.updateButtons()
 
@@ -445,6 +466,16 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         except Exception as e:  # noqa: BLE001 - shown as "preset default" without a number
             logging.info("SemiSeg: %s", e)
             return {}
+
+    @staticmethod
+    def trainingOptions(method, dim=3, preset=""):
+        """The shared training options (TrainConfig fields) with the values this method/preset uses."""
+        from SemiSegSlicerLib import catalog
+        try:
+            return catalog.training_options(method, dim, preset)
+        except Exception as e:  # noqa: BLE001 - an impossible combination shows no training options
+            logging.info("SemiSeg: %s", e)
+            return []
 
     def deviceInfo(self):
         from SemiSegSlicerLib import catalog

@@ -90,6 +90,16 @@ def test_panel_catalog_and_training_config():
                    "val_every": 0, "method_options": {"consistency": 0.3}}
     full = catalog.resolved(cfg)
     assert full["preset"] == "generic2d" and full["unlabeled_batch"] == 12 and full["method_options"]["consistency"] == 0.3
+    # the Advanced section's training options: every other TrainConfig field, with the values the run uses
+    train = {o.name: o for o in catalog.training_options("ss_net", 2, "acdc")}
+    assert train["lr_schedule"].default == "constant" and train["lr_schedule"].kind == "choice"  # SS-Net's ACDC recipe
+    assert train["upsampling"].default == "bilinear" and train["ema_decay"].default == 0.99
+    assert train["target_spacing"].kind == "floats" and train["foreground_share"].kind == "float"
+    assert not set(train) & (catalog.PANEL_FIELDS | {"method_options"})
+    from semiseg.config import TrainConfig
+    assert set(train) | catalog.PANEL_FIELDS == {f for f in TrainConfig.__dataclass_fields__}
+    changed = catalog.resolved(catalog.training_config("ss_net", 2, "acdc", extra={"lr": 0.02, "foreground_share": 0.5}))
+    assert changed["lr"] == 0.02 and changed["foreground_share"] == 0.5
     dev = catalog.device_info()
     assert dev["choices"][-1] == ("cpu", "CPU") and dev["choices"][0][0] == "auto" and dev["torch"]
 

@@ -474,6 +474,9 @@ def test_logic_trains_and_segments_a_real_scene(scene, tmp_path, semiseg_module)
                          unlabeledBatch=2, device="cpu", patchSize=(32, 32), extraConfig={"threads": 1, "log_every": 5},
                          progressCallback=lambda p, e: kinds.append(e["event"]))
     assert result.status == "completed" and kinds[0] == "started" and kinds[-1] == "finished"
+    assert kinds[1] == "plan"  # the panel's scans are planned like any user dataset (semiseg.planning)
+    plan = json.loads((Path(logic.jobDir) / "run" / "plan.json").read_text())
+    assert plan["dim"] == 2 and plan["patch_size"] == [32, 32]  # the panel's explicit choices win over the plan
     assert logic.plot.values("iteration") == [5, 10]
     (cls,) = logic.model["classes"]  # with the segment's terminology (Slicer's default "Tissue" here)
     assert (cls["value"], cls["name"], cls["color"]) == (1, "disk", list(RED))

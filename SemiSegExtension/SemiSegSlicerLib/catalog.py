@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 @dataclass
 class OptionInfo:
     name: str
-    kind: str                  # int | float | bool | str | choice | ints
+    kind: str                  # int | float | bool | str | choice | ints | floats
     default: object
     help: str = ""
     choices: list = field(default_factory=list)
@@ -36,7 +36,7 @@ def _kind(f: dataclasses.Field) -> str:
     if (f.metadata or {}).get("choices"):
         return "choice"
     if t.startswith("tuple"):
-        return "ints"
+        return "floats" if "float" in t else "ints"
     return t if t in ("int", "float", "bool", "str") else "str"
 
 
@@ -61,6 +61,22 @@ def methods(preset: str = "generic3d", dim: int = 3) -> list[MethodInfo]:
         out.append(MethodInfo(name, cls.description, bool(cls.uses_unlabeled),
                               option_infos(cls.Options, cls.default_options(preset, dim))))
     return sorted(out, key=lambda m: (m.name != "supervised", m.name))
+
+
+# TrainConfig fields the panel shows elsewhere (inputs, main controls) or that only the job itself sets
+PANEL_FIELDS = {"data", "labeled", "val_split", "test_split", "dim", "method", "preset", "iterations",
+                "labeled_batch", "unlabeled_batch", "patch_size", "device", "threads", "method_options",
+                "log_every", "checkpoint_every", "cache_dir",
+                "sync_bn", "find_unused_parameters"}  # the last two: torchrun only, the panel runs one process
+
+
+def training_options(method: str, dim: int = 3, preset: str = "") -> list[OptionInfo]:
+    """Every other ``TrainConfig`` field (learning rate, schedule, EMA, precision, planning, class map,
+    ...) for the panel's Advanced section, with the value the run would use for this method,
+    dimension and preset. Generated from the dataclass, so a new field appears without panel code."""
+    from semiseg.config import TrainConfig, resolve_config
+    resolved = resolve_config({**training_config(method, dim, preset), "data": "files.csv"})
+    return [o for o in option_infos(TrainConfig, resolved) if o.name not in PANEL_FIELDS]
 
 
 def presets() -> list[str]:

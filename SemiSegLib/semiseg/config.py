@@ -21,11 +21,12 @@ def _h(text: str, **kw) -> dict:
 @dataclass
 class TrainConfig:
     # data
-    data: str = field(default="phantom", metadata=_h("dataset: acdc:PATH, la:PATH, phantom[:N], a folder or a CSV"))
+    data: str = field(default="phantom", metadata=_h("dataset: acdc:PATH, la:PATH, phantom[:N], phantom_ct[:N], a folder or a CSV"))
     labeled: int = field(default=0, metadata=_h("labeled cases: ACDC patients (3 → 68 slices, 7 → 136), LA volumes (first N); 0 = preset default"))
     val_split: str = field(default="", metadata=_h("validation list file (default: the dataset's own val split)"))
     test_split: str = field(default="", metadata=_h("test list file or folder (held out; evaluated after training)"))
     dim: int = field(default=0, metadata=_h("2 = slice-wise 2D network, 3 = 3D patches; 0 = dataset default"))
+    class_map: str = field(default="", metadata=_h("match classes across label files (folder/CSV data): 'source=class; ...' where a source is a segment name (case-insensitive) or a labelmap value, or a JSON file {source: class}; class 'background' drops a source. SemiSeg's own option"))
     # method and network
     method: str = field(default="mean_teacher", metadata=_h("training method (see `semiseg methods`)"))
     preset: str = field(default="", metadata=_h("recipe preset: acdc, la, phantom (default: from the dataset)"))
@@ -49,6 +50,14 @@ class TrainConfig:
     seed: int = field(default=1337, metadata=_h("random seed (lineage default 1337)"))
     deterministic: bool = field(default=False, metadata=_h("deterministic algorithms (exact resume, slower on GPU)"))
     threads: int = field(default=0, metadata=_h("CPU threads for torch (0 = torch default)"))
+    data_on_device: str = field(default="auto", metadata=_h("keep the training data and its augmentation on the training GPU: auto (when the data take at most a quarter of the free GPU memory), on, off (CPU; see prefetch); SemiSeg option", choices=["auto", "on", "off"]))
+    prefetch: int = field(default=0, metadata=_h("batches prepared ahead by a background thread (0 = off); deterministic: same batches, same resume state; SemiSeg option"))
+    foreground_share: float = field(default=0.0, metadata=_h("3D: share of each labeled batch cropped around a voxel of a random present foreground class (nnU-Net-style oversampling; SemiSeg option). 0 = the literature's uniform random crops"))
+    precision: str = field(default="auto", metadata=_h("training precision: auto (bf16 on a GPU that supports it, fp16 + loss scaling on other GPUs, fp32 on the CPU; --no-amp makes auto fp32), fp32, bf16 (autocast; also on the CPU), fp16 (CUDA only)", choices=["auto", "fp32", "bf16", "fp16"]))
+    channels_last: bool = field(default=False, metadata=_h("2D only: channels-last memory format for the network and batches (faster convolutions on GPUs with bf16/fp16; SemiSeg option)"))
+    compile: bool = field(default=False, metadata=_h("torch.compile the student network (in place: checkpoint keys stay plain; first iterations are slow while it compiles)"))
+    sync_bn: bool = field(default=True, metadata=_h("several GPUs (torchrun): BatchNorm statistics over the global batch (SyncBatchNorm); CUDA only, ignored on the CPU"))
+    find_unused_parameters: bool = field(default=False, metadata=_h("several processes: let DDP tolerate parameters that get no gradient in a step (needed by methods with parts used only in some steps; slower)"))
     # validation, checkpoints, logging
     val_every: int = field(default=0, metadata=_h("validate every N iterations (0 = never; ACDC 200)"))
     selection: str = field(default="", metadata=_h("checkpoint reported: final, val (best on validation), test (paper reproduction only)", choices=["", "final", "val", "test"]))
@@ -59,6 +68,14 @@ class TrainConfig:
     resize: str = field(default="nearest", metadata=_h("2D inference resize: nearest (SSL4MIS) or bilinear (UniMatch/AGP: logits upsampled)", choices=["nearest", "bilinear"]))
     lcc: bool = field(default=False, metadata=_h("keep the largest connected component per class at test time"))
     empty: str = field(default="zero", metadata=_h("empty-prediction metric convention: zero (SS-Net/BCP) or penalty (ICL)", choices=["zero", "penalty"]))
+    # planning for users' own scans (semiseg.planning; benchmark datasets keep their recipes under plan=auto)
+    plan: str = field(default="auto", metadata=_h("auto (plan user folders/CSVs, not acdc/la/phantom), off, or a plan.json PATH"))
+    target_spacing: tuple[float, ...] = field(default=(), metadata=_h("planned resampling spacing in mm per array axis, 0 = keep (default: median spacing)"))
+    modality: str = field(default="auto", metadata=_h("intensity normalisation: ct (clip to foreground 0.5/99.5 percentiles + z-score) or mr (per-volume z-score); auto = header, else Hounsfield-like air", choices=["auto", "ct", "mr"]))
+    memory_budget_gb: float = field(default=0.0, metadata=_h("memory the planned patch x batch may use (0 = GPU memory x 0.75, CPU 8 GB)"))
+    image_interpolation: str = field(default="linear", metadata=_h("planned image resampling: linear or bspline (SemiSeg default linear; nnU-Net uses 3rd order)", choices=["linear", "bspline"]))
+    label_interpolation: str = field(default="auto", metadata=_h("planned label resampling: nearest, linear (one-hot) or auto (nearest when upsampling)", choices=["auto", "nearest", "linear"]))
+    cache_dir: str = field(default="", metadata=_h("preprocessing cache folder (default $SEMISEG_CACHE or ~/.cache/semiseg)"))
     # method hyper-parameters (the method's Options dataclass, as a dict)
     method_options: dict = field(default_factory=dict, metadata=_h("method hyper-parameters"))
 
@@ -92,7 +109,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "phantom": dict(dim=2, labeled=4, patch_size=(96, 96), labeled_batch=4, unlabeled_batch=4, iterations=600,
                     lr_schedule="poly", lr=0.03, val_every=100, selection="val", network="unet"),
     "generic3d": dict(dim=3, labeled=0, patch_size=(96, 96, 64), labeled_batch=2, unlabeled_batch=2, iterations=6000,
-                      lr_schedule="poly", val_every=500, selection="val", network="vnet", stride=(32, 32, 16)),
+                      lr_schedule="poly", val_every=500, selection="val", network="vnet", stride=(32, 32, 16),
+                      foreground_share=0.33),
     "generic2d": dict(dim=2, labeled=0, patch_size=(256, 256), labeled_batch=12, unlabeled_batch=12, iterations=10000,
                       lr_schedule="poly", val_every=200, selection="val", network="unet"),
 }
@@ -105,20 +123,23 @@ def preset_for_data(data: str, dim: int = 0) -> str:
     return "generic2d" if dim == 2 else "generic3d"
 
 
-def resolve_config(explicit: dict[str, Any], file_values: dict[str, Any] | None = None) -> TrainConfig:
-    """Merge the layers; ``explicit`` holds only what the user set on the command line."""
+def resolve_config(explicit: dict[str, Any], file_values: dict[str, Any] | None = None,
+                   plan_values: dict[str, Any] | None = None) -> TrainConfig:
+    """Merge the layers; ``explicit`` holds only what the user set on the command line.
+    ``plan_values`` (from :mod:`semiseg.planning`) sit between the method recipe and the config file."""
     from .methods import get_method
 
     layered: dict[str, Any] = {}
     for src in (file_values or {}, explicit):
         layered.update({k: v for k, v in src.items() if k != "method_options"})
     data = layered.get("data", TrainConfig.data)
-    preset = layered.get("preset") or preset_for_data(data, layered.get("dim", 0))
+    preset = layered.get("preset") or preset_for_data(data, layered.get("dim", 0) or (plan_values or {}).get("dim", 0))
     if preset not in PRESETS:
         raise SemiSegError(f"unknown preset '{preset}'; available: {', '.join(PRESETS)}")
     method_cls = get_method(layered.get("method", TrainConfig.method))
     values: dict[str, Any] = dict(PRESETS[preset])
     values.update(method_cls.recipe.get(preset, {}))
+    values.update(plan_values or {})
     values.update(layered)
     values["preset"] = preset
     cfg = TrainConfig.from_dict(values)
@@ -151,6 +172,14 @@ def validate(cfg: TrainConfig) -> None:
         raise SemiSegError("iterations must be at least 1")
     if cfg.labeled_batch < 1:
         raise SemiSegError("labeled_batch must be at least 1")
+    if not 0.0 <= cfg.foreground_share <= 1.0:
+        raise SemiSegError(f"foreground_share must be in [0, 1], not {cfg.foreground_share}")
+    if cfg.prefetch < 0:
+        raise SemiSegError("prefetch must be 0 (off) or a positive number of batches")
+    if cfg.data_on_device not in ("auto", "on", "off"):
+        raise SemiSegError(f"data_on_device must be auto, on or off, not '{cfg.data_on_device}'")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise SemiSegError(f"precision must be auto, fp32, bf16 or fp16, not '{cfg.precision}'")
     if cfg.selection not in ("final", "val", "test"):
         raise SemiSegError(f"selection must be final, val or test, not '{cfg.selection}'")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -55,13 +56,27 @@ def build_train_config(ns: argparse.Namespace):
     return resolve_config(split_args(ns), file_values)
 
 
+def _report_plan(reporter, plan, path=None) -> None:
+    if reporter.json:
+        reporter({"event": "plan", "plan": plan.to_dict(), "text": plan.describe(), "path": str(path or "")})
+    else:
+        print(plan.describe() + (f"\n  written         {path}" if path else ""), flush=True)
+
+
 def cmd_train(ns, reporter) -> int:
+    from semiseg.config import load_config_file
+    from semiseg.planning import plan_training
     from semiseg.train.loop import Trainer
-    cfg = build_train_config(ns)
     out = Path(ns.out)
+    file_values = load_config_file(ns.config) if getattr(ns, "config", None) else {}
+    # users' own scans are planned (OUT/plan.json); benchmark datasets keep their recipes (plan=auto)
+    # under torchrun only rank 0 writes OUT/plan.json and reports (the plan is deterministic on every rank)
+    rank0 = int(os.environ.get("RANK", "0") or 0) == 0
+    cfg, data, _ = plan_training(split_args(ns), file_values, out if rank0 else None, ns.resume,
+                                 on_plan=(lambda p: _report_plan(reporter, p, out / "plan.json")) if rank0 else None)
     stop = StopFlag(out)
-    summary = Trainer(cfg, out, on_event=reporter, should_stop=stop).run(resume=ns.resume)
-    if not reporter.json:
+    summary = Trainer(cfg, out, data=data, on_event=reporter, should_stop=stop).run(resume=ns.resume)
+    if not reporter.json and rank0:
         print_summary(summary)
     return protocol.EXIT_OK
 
@@ -85,6 +100,29 @@ def format_table(s: dict) -> str:
         rows.append(f"{name:<22}" + "".join(f"{scale(m, vals[m]):>10.2f}" for m in metrics))
     rows.append("(Dice, Jaccard in %; hd95/asd in voxels, *_mm in mm; asd is one-directional as medpy)")
     return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------------ plan
+def cmd_plan(ns, reporter) -> int:
+    """Fingerprint a dataset, print its plan in one block and write it as JSON (optionally preprocess)."""
+    from semiseg.data.datasets import load_dataset
+    from semiseg.planning import fingerprint_splits, make_plan, plan_overrides, preprocess_all
+    data = load_dataset(ns.data, ns.labeled or None, None, None, ns.dim or None, class_map=ns.class_map)
+    given = {k: v for k, v in vars(ns).items() if v not in (None, 0, "", "auto", [])}
+    if given.get("target_spacing") is not None:
+        given["target_spacing"] = [t if t > 0 else None for t in given["target_spacing"]]
+    fp = fingerprint_splits(data, ns.data)
+    plan = make_plan(fp, ns.device, ns.memory_budget_gb, plan_overrides(given))
+    out = Path(ns.out)
+    plan.save(out)
+    _report_plan(reporter, plan, out)
+    if ns.preprocess:
+        for run in ("first", "second"):
+            r = preprocess_all(data, plan, ns.cache_dir or None)
+            msg = (f"preprocessing ({run} run): {r['cases']} cases in {r['seconds']:.2f} s, {r['misses']} computed, "
+                   f"{r['hits']} read from the cache; cache {r['cache_bytes'] / 2**20:.1f} MiB in {r['cache_dir']}")
+            reporter({"event": "preprocessed", "run": run, **r}) if reporter.json else print(msg)
+    return protocol.EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------ segment
@@ -115,7 +153,12 @@ def cmd_evaluate(ns, reporter) -> int:
     ckpt = load_checkpoint(ns.model)
     net = network_from_checkpoint(ckpt, device)
     meta = ckpt["meta"]
-    data = load_dataset(ns.data, ns.labeled or None, ns.val_split, ns.test_split, meta["dim"])
+    # the class matching the model was trained with (its --class-map) applies to the evaluated files too
+    data = load_dataset(ns.data, ns.labeled or None, ns.val_split, ns.test_split, meta["dim"],
+                        class_map=ckpt.get("config", {}).get("class_map", ""))
+    if meta.get("plan"):  # a planned model: cases preprocessed as in training (scored on the plan's grid)
+        from semiseg.planning import apply_plan
+        data, _ = apply_plan(data, meta["plan"])
     refs = {"val": data.val, "test": data.test}[ns.split]
     if not refs:
         raise SemiSegError(f"{ns.data} has no '{ns.split}' cases (give --{ns.split}-split PATH)")
@@ -255,10 +298,27 @@ def cmd_run(ns, reporter) -> int:
         task = spec.get("task", "train")
         if task == "train":
             from semiseg.config import resolve_config
+            from semiseg.planning import plan_training
             from semiseg.train.loop import Trainer
-            cfg = resolve_config(spec.get("config", {}))
-            data = job_data(spec["dataset"], cfg) if spec.get("dataset") else None
-            Trainer(cfg, job / "run", data=data, on_event=tee, should_stop=StopFlag(job)).run(resume=bool(spec.get("resume")))
+            explicit, resume = spec.get("config", {}), bool(spec.get("resume"))
+            data = job_data(spec["dataset"], resolve_config(explicit)) if spec.get("dataset") else None
+
+            pending: list[dict] = []
+
+            def on_plan(plan):  # the panel's log shows the plan; plan.json sits in the run folder
+                pending.append({"event": "plan", "plan": plan.to_dict(), "path": str(job / "run" / "plan.json")})
+                pending.append({"event": "log", "level": "info", "message": plan.describe()})
+
+            def on_event(e):  # "started" stays the job's first event; the plan follows it
+                tee(e)
+                if e.get("event") == "started":
+                    for p in pending:
+                        tee(p)
+                    pending.clear()
+
+            cfg, planned, _ = plan_training(explicit, None, job / "run", resume, on_plan=on_plan, data=data)
+            Trainer(cfg, job / "run", data=planned or data, on_event=on_event,
+                    should_stop=StopFlag(job)).run(resume=resume)
             return protocol.EXIT_OK
         if task == "segment":
             import torch
@@ -421,6 +481,43 @@ def cmd_benchmark(ns, reporter) -> int:
     return protocol.EXIT_OK
 
 
+_ARGV: list[str] = []
+
+
+def cmd_bench(ns, reporter) -> int:
+    import shlex
+    from semiseg.bench import bench_method, format_bench_table, write_bench_json
+    from semiseg.config import resolve_config
+    from semiseg.data.datasets import load_dataset
+    from semiseg.errors import SemiSegError
+    methods = [m for m in ns.method.replace(" ", "").split(",") if m]
+    if not methods:
+        raise SemiSegError("--method is empty")
+    if ns.bench_iterations < 1 or ns.warmup < 0:
+        raise SemiSegError("--iterations must be at least 1 and --warmup at least 0")
+    common = split_args(ns)
+    for k in ("data", "method", "method_options"):
+        common.pop(k, None)
+    sets = parse_method_sets(ns.set, methods)
+    rows, data = [], None
+    for m in methods:
+        cfg = resolve_config({**common, "data": ns.data, "method": m,
+                              **({"method_options": sets[m]} if m in sets else {})})
+        if data is None:  # the same cases for every method: loaded once
+            data = load_dataset(cfg.data, cfg.labeled, cfg.val_split or None, cfg.test_split or None, cfg.dim)
+        if not reporter.json:
+            print(f"bench {m}: {ns.warmup} warm-up + {ns.bench_iterations} measured iterations ...", flush=True)
+        rows.append(bench_method(cfg, ns.warmup, ns.bench_iterations, ns.inference_volumes, ns.offset, data=data,
+                                 on_event=reporter if reporter.json else None))
+    if not reporter.json:
+        print(format_bench_table(rows))
+    if ns.out:
+        write_bench_json(rows, ns.out, "semiseg " + " ".join(shlex.quote(a) for a in (_ARGV or sys.argv[1:])))
+        if not reporter.json:
+            print(f"written: {ns.out}")
+    return protocol.EXIT_OK
+
+
 def cmd_report(ns, reporter) -> int:
     from semiseg import benchmark
     records = benchmark.collect_runs(ns.runs)
@@ -475,6 +572,27 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto")
     d.add_argument("--resume", action="store_true")
 
+    pl = sub.add_parser("plan", help="print and write the preprocessing/training plan of a dataset",
+                        description="Fingerprint a dataset (spacings, sizes, labeled-foreground intensities) and "
+                                    "decide target spacing, 2D/3D, patch and batch for a memory budget, and "
+                                    "intensity normalisation. Example: semiseg plan my_scans/ --out plan.json")
+    pl.add_argument("data", help="dataset: a folder or CSV of your scans, or acdc:PATH, la:PATH, phantom[:N]")
+    pl.add_argument("--out", default="plan.json", help="plan JSON to write (train with --plan PATH to use it)")
+    pl.add_argument("--labeled", type=int, default=0, help="labeled cases (default: the dataset's)")
+    pl.add_argument("--dim", type=int, choices=[2, 3], default=0, help="force 2D or 3D (default: decided)")
+    pl.add_argument("--target-spacing", nargs=3, type=float, metavar="MM", help="resampling spacing per array axis (0 = keep)")
+    pl.add_argument("--modality", choices=["auto", "ct", "mr"], default="auto")
+    pl.add_argument("--memory-budget-gb", type=float, default=0.0, help="0 = GPU memory x 0.75, CPU 8 GB")
+    pl.add_argument("--patch-size", nargs="+", type=int, metavar="N")
+    pl.add_argument("--labeled-batch", type=int, default=0)
+    pl.add_argument("--unlabeled-batch", type=int, default=0)
+    pl.add_argument("--network", default="")
+    pl.add_argument("--image-interpolation", choices=["linear", "bspline"], default="")
+    pl.add_argument("--label-interpolation", choices=["auto", "nearest", "linear"], default="")
+    pl.add_argument("--device", default="auto", help="device whose memory sets the budget")
+    pl.add_argument("--preprocess", action="store_true", help="also preprocess every case twice (timing, cache size)")
+    pl.add_argument("--cache-dir", default="", help="preprocessing cache (default $SEMISEG_CACHE or ~/.cache/semiseg)")
+    pl.add_argument("--class-map", default="", help="match classes across label files, as train's --class-map")
     sub.add_parser("methods", help="list the methods and their hyper-parameters")
     sub.add_parser("presets", help="list the dataset recipes")
     r = sub.add_parser("run", help="run a job folder (the Slicer module's protocol)")
@@ -499,6 +617,33 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="training curves and a qualitative figure per run, curves overlaid per setting")
     add_benchmark_train_options(b)
 
+    bn = sub.add_parser("bench", help="measure training speed, peak memory, data-loading share and inference time",
+                        description="Training iterations/s after warm-up, peak device memory, the share of time spent "
+                                    "drawing batches, and inference seconds per volume, per method. Example: semiseg "
+                                    "bench --data acdc:../shared/data/ACDC --method supervised,mean_teacher "
+                                    "--iterations 10 --threads 2 --out bench.json")
+    bn.add_argument("--data", required=True, help="dataset: acdc:PATH, la:PATH, phantom[:N], a folder or a CSV")
+    bn.add_argument("--method", required=True, help="comma-separated methods (see `semiseg methods`)")
+    bn.add_argument("--iterations", dest="bench_iterations", type=int, default=10,
+                    help="measured training iterations (after the warm-up)")
+    bn.add_argument("--warmup", type=int, default=3, help="untimed iterations first (allocator, autotuning, compile)")
+    bn.add_argument("--offset", type=int, default=None,
+                    help="iteration number the steps run at (default: the middle of the schedule, so delayed "
+                         "and ramped loss terms are active)")
+    bn.add_argument("--inference-volumes", type=int, default=2, help="validation volumes timed for inference (0 = skip)")
+    bn.add_argument("--set", action="append", default=[], metavar="[METHOD.]OPTION=VALUE",
+                    help="a method hyper-parameter (repeatable)")
+    bn.add_argument("--out", default="", help="write the results as JSON to this file")
+    g = bn.add_argument_group("training options (defaults from the preset; see `semiseg presets`)")
+    import dataclasses
+    from semiseg.config import TrainConfig
+    from .options import _add_field
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("data", "method", "iterations", "method_options"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        _add_field(g, f, f.name, "preset" if default in (0, "", ()) else f"default {default}")
+
     rp = sub.add_parser("report", help="rebuild the benchmark tables from finished runs (no training)")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders searched for them")
     rp.add_argument("--out", default=".", help="folder for results.md, results.csv and the overlaid curves")
@@ -516,10 +661,13 @@ def main(argv: list[str] | None = None) -> int:
     except SemiSegError as e:
         print(f"semiseg: error: {e}", file=sys.stderr)
         return protocol.EXIT_ERROR
+    if next((a for a in argv if not a.startswith("-")), "") == "bench":
+        method = "mean_teacher"  # bench takes a comma-separated --method list (checked by resolve_config)
     if method not in METHODS:
         print(f"semiseg: error: unknown method '{method}'; available: {', '.join(sorted(METHODS))}", file=sys.stderr)
         return protocol.EXIT_ERROR
     ns = build_parser(method).parse_args(argv)
+    _ARGV[:] = argv  # the command line as given (recorded by `semiseg bench --out`)
     reporter = Reporter(ns.json)
     if ns.command == "methods":
         import dataclasses
@@ -531,8 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "presets":
         print(describe_presets())
         return protocol.EXIT_OK
-    handler = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "run": cmd_run,
-               "benchmark": cmd_benchmark, "report": cmd_report}
+    handler = {"plan": cmd_plan, "train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "run": cmd_run,
+               "benchmark": cmd_benchmark, "report": cmd_report,
+               "bench": cmd_bench}
     try:
         return handler[ns.command](ns, reporter)
     except CancelledError as e:

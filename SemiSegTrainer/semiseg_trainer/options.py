@@ -21,7 +21,7 @@ def _add_field(group, f: dataclasses.Field, dest: str, default_text: str) -> Non
         group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         return
     if t.startswith("tuple"):
-        group.add_argument(flag, nargs="+", type=int, metavar="N", **kw)
+        group.add_argument(flag, nargs="+", type=float if "float" in t else int, metavar="N", **kw)
         return
     if t == "dict":
         return
