@@ -467,23 +467,29 @@ def test_icl_checkpoint_is_a_plain_unet(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- phantom training
-# One labeled phantom volume (12 slices) + 7 unlabeled, 32x32, batch 2+2, 240 iterations, seed 1337,
-# deterministic, one thread; each pair shares its budget. Measured (CPU): supervised 0.8211 vs CAML 2D
-# 0.8462 at lr 0.03 (the phantom preset's); supervised 0.7901 vs icl_lite 0.8301 and icl 0.8124 at lr 0.01
-# (ICL's recipe lr). At lr 0.03 and 240 iterations ICL does not beat supervised (0.816 / 0.815 vs 0.821).
+# One labeled phantom volume (12 slices) + 7 unlabeled, 32x32, batch 2+2, 240 iterations, deterministic,
+# one thread. `supervised` uses the SAME supervised loss as the method (CAML: Dice only; ICL: CE + Dice):
+# against its ½(CE+Dice) default the comparison measured the loss form, not the method. Measured (CPU),
+# best validation Dice, supervised vs method:
+#   CAML (lr 0.03):     seed 1337 0.8559 vs 0.8462, seed 1 0.8340 vs 0.8430
+#   icl_lite (lr 0.01): seed 1337 0.7886 vs 0.8301, seed 1 0.8281 vs 0.8122
+# i.e. no reliable gain at this CPU budget (issue 4 open); icl (exact) was not re-run at equal loss.
 PHANTOM = {"data": "phantom:8", "labeled": 1, "patch_size": (32, 32), "labeled_batch": 2, "unlabeled_batch": 2,
            "iterations": 240, "val_every": 40, "log_every": 40, "checkpoint_every": 100000, "deterministic": True,
            "device": "cpu", "threads": 1}
+SUPERVISED_LOSS = {"caml": "dice", "icl_lite": "ce_plus_dice", "icl": "ce_plus_dice"}
 
 
-def best_dice(tmp_path, method, lr):
-    cfg = dict(PHANTOM, method=method, lr=lr)
+def best_dice(tmp_path, method, lr, seed, **options):
+    cfg = dict(PHANTOM, method=method, lr=lr, seed=seed, method_options=options)
     return Trainer(resolve_config(cfg), tmp_path / method).run()["best_val_dice"]
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="not yet shown: at equal supervised loss the gain is seed-dependent at CPU budgets")
+@pytest.mark.parametrize("seed", [1337, 1])
 @pytest.mark.parametrize("method,lr", [("caml", 0.03), ("icl_lite", 0.01), ("icl", 0.01)])
-def test_method_beats_supervised_on_the_phantom(tmp_path, method, lr):
-    sup = best_dice(tmp_path, "supervised", lr)
-    ours = best_dice(tmp_path, method, lr)
-    assert ours > sup + 0.015, (method, ours, sup)
+def test_method_beats_supervised_at_equal_supervised_loss(tmp_path, method, lr, seed):
+    sup = best_dice(tmp_path, "supervised", lr, seed, sup_loss=SUPERVISED_LOSS[method])
+    ours = best_dice(tmp_path, method, lr, seed)
+    assert ours > sup + 0.015, (method, seed, ours, sup)

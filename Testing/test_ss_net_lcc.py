@@ -365,22 +365,34 @@ def phantom_data():
     return load_phantom(6, 1, n_val=2, n_test=0)  # generated once, shared by the runs
 
 
-def phantom_run(method, data):
+def phantom_run(method, data, **overrides):
     with tempfile.TemporaryDirectory() as d:
-        summary = Trainer(resolve_config(dict(PHANTOM, method=method)), d, data=data).run()
+        summary = Trainer(resolve_config(dict(PHANTOM, method=method, **overrides)), d, data=data).run()
         model_keys = set(load_checkpoint(f"{d}/best.pt")["model"])
     return summary["best_val_dice"], model_keys
 
 
-@pytest.fixture(scope="module")
-def supervised_dice(phantom_data):
-    return phantom_run("supervised", phantom_data)[0]
-
-
 @pytest.mark.parametrize("method", ["ss_net", "lcc"])
-def test_method_beats_supervised_on_the_phantom(method, supervised_dice, phantom_data):
-    dice, keys = phantom_run(method, phantom_data)
-    print(f"{method}: val Dice {dice:.4f} vs supervised {supervised_dice:.4f}")
-    assert dice > supervised_dice + 0.02, (dice, supervised_dice)
+def test_phantom_training_saves_the_plain_network(method, phantom_data):
+    dice, keys = phantom_run(method, phantom_data, iterations=20, val_every=20)
+    assert 0.0 <= dice <= 1.0
     plain = set(build_network("unet", num_classes=4, upsampling="bilinear").state_dict())
     assert keys == plain  # best.pt holds the plain network, no heads, memory or teacher
+
+
+# Both sides use the SAME supervised loss (SS-Net's Dice only): comparing against `supervised` with its
+# ½(CE+Dice) default measured the loss form, not the method (at 60 iterations the consistency weight is
+# still ~0: 0.1·exp(−5)). Measured at equal loss, 1 labeled + 5 unlabeled phantom volumes, 32x32, batch
+# 2+2, 600 iterations (ramp 300), best validation Dice, one CPU thread:
+#   seed 1337: supervised 0.8174, ss_net 0.8218, lcc 0.8302;  seed 1: supervised 0.8171, ss_net 0.7839, lcc 0.7912
+# and at 48x48, 400 iterations, 1 + 9 volumes, seed 1337: supervised 0.8716, mean_teacher 0.8573, lcc 0.8561,
+# ss_net 0.8765. So at CPU budgets neither method reliably beats the baseline on the phantom (issue 3 open).
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="not yet shown: at equal supervised loss SS-Net/LCC tie or lose at CPU budgets")
+@pytest.mark.parametrize("method", ["ss_net", "lcc"])
+@pytest.mark.parametrize("seed", [1337, 1])
+def test_method_beats_supervised_at_equal_supervised_loss(method, seed, phantom_data):
+    budget = dict(iterations=600, val_every=100, seed=seed, method_options={"sup_loss": "dice"})
+    sup, _ = phantom_run("supervised", phantom_data, **budget)
+    ours, _ = phantom_run(method, phantom_data, **budget)
+    assert ours > sup + 0.01, (method, seed, ours, sup)
