@@ -185,30 +185,28 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.optionsContainer.deleteLater()
         self.optionsContainer = qt.QWidget()
         form = qt.QFormLayout(self.optionsContainer)
-        self.optionWidgets = {}
-        for o in info.options:
-            w = self._optionWidget(o)
-            w.toolTip = o.help
-            label = qt.QLabel(o.label + ":")
-            label.toolTip = o.help
-            form.addRow(label, w)
-            self.optionWidgets[o.name] = (o, w)
+        self.optionWidgets = self._addOptionRows(form, info.options)
         # the training options shared by every method (lr, schedule, EMA, precision, planning, class map, ...)
-        heading = qt.QLabel("<b>" + _tr("Training (all methods)") + "</b>")
-        form.addRow(heading)
-        self.trainingWidgets = {}
-        for o in self.logic.trainingOptions(name, dim, preset):
-            w = self._optionWidget(o)
-            w.toolTip = o.help
-            label = qt.QLabel(o.label + ":")
-            label.toolTip = o.help
-            form.addRow(label, w)
-            self.trainingWidgets[o.name] = (o, w)
+        form.addRow(qt.QLabel("<b>" + _tr("Training (all methods)") + "</b>"))
+        self.trainingWidgets = self._addOptionRows(form, self.logic.trainingOptions(name, dim, preset))
         self.ui.methodOptionsFrame.layout().addWidget(self.optionsContainer)
         defaults = self.logic.resolvedDefaults(name, dim, preset)
         for box, key in ((self.ui.iterationsSpinBox, "iterations"), (self.ui.labeledBatchSpinBox, "labeled_batch"),
                          (self.ui.unlabeledBatchSpinBox, "unlabeled_batch")):
             box.specialValueText = _tr("preset default") + (f" ({defaults[key]})" if key in defaults else "")
+
+    def _addOptionRows(self, form, options) -> dict:
+        """One labelled widget per option (help as tooltip); returns {name: (option, widget)}."""
+        import qt
+        widgets = {}
+        for o in options:
+            w = self._optionWidget(o)
+            w.toolTip = o.help
+            label = qt.QLabel(o.label + ":")
+            label.toolTip = o.help
+            form.addRow(label, w)
+            widgets[o.name] = (o, w)
+        return widgets
 
     @staticmethod
     def _optionWidget(o):

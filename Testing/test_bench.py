@@ -2,8 +2,6 @@
 measured, and the table lists every method (tiny phantom configuration, CPU)."""
 import json
 
-import pytest
-
 from semiseg.bench import bench_method
 from semiseg.config import resolve_config
 from semiseg_trainer.cli import main

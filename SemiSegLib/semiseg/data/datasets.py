@@ -186,61 +186,47 @@ def load_la(root: Path, labeled: int, val_split: str | None, test_split: str | N
 
 
 # ---------------------------------------------------------------------------------------- phantom
-def load_phantom(n_train: int, labeled: int, n_val: int = 4, n_test: int = 4, seed: int = 0) -> DataSplits:
-    from .phantom import PHANTOM_CLASSES, make_phantom_case
-
+def _generated_splits(kind: str, dim: int, classes: list[ClassInfo], make_case, n_train: int, labeled: int,
+                      n_val: int, n_test: int, seed: int, description: str) -> DataSplits:
+    """Splits of a built-in generated dataset: training cases 0..n_train-1 (the first ``labeled``
+    labeled), validation 1000+i, test 2000+i; each case generated once, on first use."""
     cache: dict[int, tuple[Volume, Volume]] = {}
 
     def case(i: int) -> tuple[Volume, Volume]:
         if i not in cache:
-            cache[i] = make_phantom_case(i, seed=seed)
+            cache[i] = make_case(i, seed=seed)
         return cache[i]
 
     def ref(i: int, with_label: bool) -> CaseRef:
-        name = f"phantom_{i:03d}"
+        name = f"{kind}_{i:03d}"
         return CaseRef(name, lambda: _named(case(i)[0], name),
                        (lambda: _named(case(i)[1], name)) if with_label else None)
 
     if not 1 <= labeled <= n_train:
-        raise SemiSegError(f"--labeled {labeled} must be between 1 and the {n_train} phantom training volumes")
+        raise SemiSegError(f"--labeled {labeled} must be between 1 and the {n_train} {description} training volumes")
+    # per-volume z-score (for the CT phantom until a plan chooses CT clipping)
     return DataSplits(
-        kind="phantom", dim=2, classes=list(PHANTOM_CLASSES),
+        kind=kind, dim=dim, classes=list(classes),
         labeled=[ref(i, True) for i in range(labeled)],
         unlabeled=[ref(i, False) for i in range(labeled, n_train)],
         val=[ref(1000 + i, True) for i in range(n_val)],
         test=[ref(2000 + i, True) for i in range(n_test)],
         normalization="zscore",
-        description=f"built-in phantom: {labeled} labeled + {n_train - labeled} unlabeled volumes")
+        description=f"built-in {description}: {labeled} labeled + {n_train - labeled} unlabeled volumes")
+
+
+def load_phantom(n_train: int, labeled: int, n_val: int = 4, n_test: int = 4, seed: int = 0) -> DataSplits:
+    """The MRI-like cardiac phantom (2D training on anisotropic stacks; :mod:`semiseg.data.phantom`)."""
+    from .phantom import PHANTOM_CLASSES, make_phantom_case
+    return _generated_splits("phantom", 2, PHANTOM_CLASSES, make_phantom_case, n_train, labeled, n_val, n_test,
+                             seed, "phantom")
 
 
 def load_phantom_ct(n_train: int, labeled: int, n_val: int = 4, n_test: int = 4, seed: int = 0) -> DataSplits:
-    """The CT-like phantom (3D, isotropic, Hounsfield units; :mod:`semiseg.data.phantom_ct`): training
-    volumes 0..n_train-1 (the first ``labeled`` labeled), validation 1000+i and test 2000+i."""
+    """The CT-like phantom (3D, isotropic, Hounsfield units; :mod:`semiseg.data.phantom_ct`)."""
     from .phantom_ct import CT_PHANTOM_CLASSES, make_ct_phantom_case
-
-    cache: dict[int, tuple[Volume, Volume]] = {}
-
-    def case(i: int) -> tuple[Volume, Volume]:
-        if i not in cache:
-            cache[i] = make_ct_phantom_case(i, seed=seed)
-        return cache[i]
-
-    def ref(i: int, with_label: bool) -> CaseRef:
-        name = f"phantom_ct_{i:03d}"
-        return CaseRef(name, lambda: _named(case(i)[0], name),
-                       (lambda: _named(case(i)[1], name)) if with_label else None)
-
-    if not 1 <= labeled <= n_train:
-        raise SemiSegError(f"--labeled {labeled} must be between 1 and the {n_train} CT phantom training volumes")
-    # intensities are Hounsfield units: per-volume z-score until a plan chooses CT clipping
-    return DataSplits(
-        kind="phantom_ct", dim=3, classes=list(CT_PHANTOM_CLASSES),
-        labeled=[ref(i, True) for i in range(labeled)],
-        unlabeled=[ref(i, False) for i in range(labeled, n_train)],
-        val=[ref(1000 + i, True) for i in range(n_val)],
-        test=[ref(2000 + i, True) for i in range(n_test)],
-        normalization="zscore",
-        description=f"built-in CT phantom: {labeled} labeled + {n_train - labeled} unlabeled volumes")
+    return _generated_splits("phantom_ct", 3, CT_PHANTOM_CLASSES, make_ct_phantom_case, n_train, labeled, n_val,
+                             n_test, seed, "CT phantom")
 
 
 def _named(v: Volume, name: str) -> Volume:

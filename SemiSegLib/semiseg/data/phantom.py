@@ -207,16 +207,22 @@ def write_phantom_dataset(folder, n_cases: int, seed: int = 0, **kw) -> list[tup
 
     Returns the (image path, label path) pairs.
     """
+    return write_generated_cases(folder, n_cases, make_phantom_case, PHANTOM_CLASSES, "case", seed, **kw)
+
+
+def write_generated_cases(folder, n_cases: int, make_case, classes, prefix: str, seed: int = 0,
+                          **kw) -> list[tuple[str, str]]:
+    """Cases 0..n_cases-1 of a generator as ``PREFIX_XXX.nrrd`` + ``PREFIX_XXX.seg.nrrd`` (both phantoms)."""
     from .io import write_segmentation, write_volume
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     pairs = []
     for i in range(int(n_cases)):
-        image, label = make_phantom_case(i, seed=seed, **kw)
-        image_path = os.path.join(folder, f"case_{i:03d}.nrrd")
-        label_path = os.path.join(folder, f"case_{i:03d}.seg.nrrd")
+        image, label = make_case(i, seed=seed, **kw)
+        image_path = os.path.join(folder, f"{prefix}_{i:03d}.nrrd")
+        label_path = os.path.join(folder, f"{prefix}_{i:03d}.seg.nrrd")
         write_volume(image_path, image)
-        write_segmentation(label_path, label.array, label.geometry, PHANTOM_CLASSES)
+        write_segmentation(label_path, label.array, label.geometry, classes)
         pairs.append((image_path, label_path))
     return pairs

@@ -26,8 +26,6 @@ CPU 3D training tests); per case the pose (shift, in-plane rotation), body size 
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from scipy import ndimage
 
@@ -269,16 +267,5 @@ def write_ct_phantom_dataset(folder, n_cases: int, seed: int = 0, **kw) -> list[
 
     Returns the (image path, label path) pairs.
     """
-    from .io import write_segmentation, write_volume
-
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    pairs = []
-    for i in range(int(n_cases)):
-        image, label = make_ct_phantom_case(i, seed=seed, **kw)
-        image_path = os.path.join(folder, f"ct_{i:03d}.nrrd")
-        label_path = os.path.join(folder, f"ct_{i:03d}.seg.nrrd")
-        write_volume(image_path, image)
-        write_segmentation(label_path, label.array, label.geometry, CT_PHANTOM_CLASSES)
-        pairs.append((image_path, label_path))
-    return pairs
+    from .phantom import write_generated_cases
+    return write_generated_cases(folder, n_cases, make_ct_phantom_case, CT_PHANTOM_CLASSES, "ct", seed, **kw)

@@ -263,8 +263,8 @@ def make_plan(fp: Fingerprint, device: str = "auto", memory_budget_gb: float = 0
     plan.overrides = sorted(ov)
     ncls = fp.num_classes + 1
     if fp.kind in ("acdc", "la", "phantom"):
-        plan.notes.append(f"benchmark dataset: `semiseg train` keeps its literature recipe (plan=auto); "
-                          f"this plan is for information or use with --plan PATH")
+        plan.notes.append("benchmark dataset: `semiseg train` keeps its literature recipe (plan=auto); "
+                          "this plan is for information or use with --plan PATH")
 
     # modality and normalisation
     if "modality" in ov:
