@@ -123,7 +123,7 @@ def test_plan_2d_for_acdc_like_spacing_3d_for_isotropic():
     p2 = make_plan(fp_of((1.5, 1.5, 10.0), (200, 180, 10)), "cpu", 8.0)
     assert p2.dim == 2 and p2.network == "unet"
     assert p2.target_spacing == [1.5, 1.5, None]
-    assert p2.patch_size == [208, 192]                      # median size rounded up to multiples of 16
+    assert p2.patch_size == [208, 208]  # median size rounded up to multiples of 16, square (slices are resized)
     p3 = make_plan(fp_of((1.0, 1.0, 1.2), (100, 90, 70)), "cpu", 8.0)
     assert p3.dim == 3 and p3.network == "vnet" and p3.target_spacing == [1.0, 1.0, 1.2]
     assert all(p % 16 == 0 for p in p3.patch_size) and p3.downsamplings == 4
@@ -142,6 +142,7 @@ def test_patch_and_batch_respect_memory_budget(dim, spacing, shape):
         est, _ = estimate_gb(p.network, dim, p.patch_size, p.labeled_batch + p.unlabeled_batch, 2)
         assert est <= budget and p.memory["estimate_gb"] == pytest.approx(est, abs=1e-3)
         sizes.append(math.prod(p.patch_size) * p.labeled_batch)
+        assert dim == 3 or p.patch_size[0] == p.patch_size[1]  # 2D stays square while it shrinks
     assert sizes[0] > sizes[1] > sizes[2]
 
 
@@ -261,3 +262,26 @@ def test_cli_plan_train_segment_end_to_end(iso_dataset, tmp_path):
     out, _ = read_label(tmp_path / "pred" / "case0.label.nrrd")
     ref, _ = read_label(iso_dataset / "case0_label.nrrd")
     assert out.array.shape == ref.array.shape and out.geometry.matches(ref.geometry)
+
+
+# ---------------------------------------------------------------------- both phantoms vs supervised
+# 4 labeled + 16 unlabeled volumes, the same budget and supervised loss (½(CE+Dice)) on both sides, planned
+# like any user dataset, deterministic, CPU. Measured (best validation Dice, supervised vs mean_teacher):
+#   MRI phantom, 48x48, batch 4+4, 300 it: seed 1337 0.8628 vs 0.8655, seed 1 0.8693 vs 0.8628
+#   CT phantom, 48^3, batch 2+2, 150 it (2 threads, ~8 min per run): seed 1337 0.3015 vs 0.3032
+# i.e. a tie at CPU budgets: the semi-supervised gain is not shown yet (issue 7 open on this point).
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="not yet shown: mean_teacher ties supervised on the phantoms at CPU budgets")
+@pytest.mark.parametrize("data,patch,batch,iterations", [("phantom:20", (48, 48), 4, 300),
+                                                          ("phantom_ct:20", (48, 48, 48), 2, 150)])
+def test_semi_supervised_beats_supervised_on_each_phantom(tmp_path, data, patch, batch, iterations):
+    from semiseg.planning import plan_training
+    from semiseg.train.loop import Trainer
+    dice = {}
+    for method in ("supervised", "mean_teacher"):
+        explicit = dict(data=data, labeled=4, method=method, iterations=iterations, patch_size=patch,
+                        labeled_batch=batch, unlabeled_batch=batch, val_every=max(iterations // 6, 10),
+                        checkpoint_every=100000, device="cpu", threads=2, deterministic=True)
+        cfg, planned, _ = plan_training(explicit, {}, tmp_path / method)
+        dice[method] = Trainer(cfg, tmp_path / method, data=planned).run()["best_val_dice"]
+    assert dice["mean_teacher"] > dice["supervised"] + 0.01, dice

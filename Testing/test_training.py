@@ -122,6 +122,7 @@ def test_cancel_file_stops_training_with_a_valid_checkpoint(tmp_path):
     (["train", "--device", "cuda", "--iterations", "2", "--out", "{tmp}/r"], "CUDA is not available"),
     (["train", "--data", "{tmp}/unlabeled_only", "--out", "{tmp}/r"], "no labeled case"),
     (["train", "--patch-size", "100", "100", "--out", "{tmp}/r"], "must be a multiple of 16"),
+    (["train", "--patch-size", "96", "64", "--out", "{tmp}/r"], "must be square"),
     (["train", "--data", "acdc:{tmp}", "--out", "{tmp}/r"], "is not an ACDC folder"),
     (["segment", "--model", "{tmp}/missing.pt", "--input", "{tmp}", "--out", "{tmp}/o"], "model checkpoint not found"),
     (["train", "--config", "{tmp}/bad.yaml", "--out", "{tmp}/r"], "cannot parse config file"),

@@ -168,6 +168,9 @@ def validate(cfg: TrainConfig) -> None:
         raise SemiSegError(f"3D patch size {tuple(cfg.patch_size)} must be a multiple of 16 on every axis (V-Net depth)")
     if cfg.dim == 2 and any(p % 16 for p in cfg.patch_size):
         raise SemiSegError(f"2D training size {tuple(cfg.patch_size)} must be a multiple of 16 (UNet depth)")
+    if cfg.dim == 2 and len(set(cfg.patch_size)) > 1:
+        raise SemiSegError(f"2D training size {tuple(cfg.patch_size)} must be square: slices are resized to it "
+                           "and the rot90 augmentation turns them")
     if cfg.iterations < 1:
         raise SemiSegError("iterations must be at least 1")
     if cfg.labeled_batch < 1:

@@ -226,10 +226,12 @@ def fit_patch(dim: int, network: str, start_patch, start_batch: int, budget_gb: 
     def shrink_patch(floor: int) -> bool:
         if fixed_patch:
             return False
-        a = int(np.argmax(patch))
-        if patch[a] - SIZE_DIVISOR < floor:
+        # 3D: the longest side first; 2D: both sides (slices are square, see make_plan)
+        axes = [int(np.argmax(patch))] if dim == 3 else list(range(len(patch)))
+        if any(patch[a] - SIZE_DIVISOR < floor for a in axes):
             return False
-        patch[a] -= SIZE_DIVISOR
+        for a in axes:
+            patch[a] -= SIZE_DIVISOR
         return True
 
     def shrink_batch(floor: int) -> bool:
@@ -333,6 +335,8 @@ def make_plan(fp: Fingerprint, device: str = "auto", memory_budget_gb: float = 0
     else:
         sides = ordered[:2] if plan.dim == 2 else ordered
         start = [_ceil16(v, MIN_SIDE[plan.dim], MAX_SIDE[plan.dim]) for v in sides]
+        if plan.dim == 2:  # every slice is resized to one square size (SSL4MIS 256x256): rot90 needs it
+            start = [max(start)] * 2
     batch0 = int(ov.get("labeled_batch", DEFAULT_BATCH[plan.dim]))
     budget, source = memory_budget(device, memory_budget_gb)
     patch, batch, est = fit_patch(plan.dim, plan.network, start, batch0, budget, ncls,
