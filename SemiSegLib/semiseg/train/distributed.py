@@ -14,7 +14,6 @@ Rank 0 alone writes the run folder and validates; the other ranks wait at barrie
 from __future__ import annotations
 
 import datetime
-import inspect
 import os
 from dataclasses import dataclass
 
@@ -89,36 +88,6 @@ def check_divisible(info: DistInfo, labeled_batch: int, unlabeled_batch: int) ->
         if b % info.world_size:
             raise SemiSegError(f"--{name.replace('_', '-')} {b} is the global batch and must divide by the "
                                f"{info.world_size} processes (e.g. {max(info.world_size, b - b % info.world_size)})")
-
-
-def source_accepts_sharding(source_cls) -> bool:
-    """Whether ``BatchSource`` slices batches per rank itself (``rank=``, ``world_size=`` keywords)."""
-    try:
-        params = inspect.signature(source_cls).parameters
-    except (TypeError, ValueError):
-        return False
-    return "rank" in params and "world_size" in params
-
-
-def shard_batch(batch, rank: int, world: int):
-    """This rank's contiguous slice of every stream of a global batch (fallback when the source
-    builds the global batch itself)."""
-    if world <= 1:
-        return batch
-
-    def part(t):
-        if t is None:
-            return None
-        n = t.shape[0] // world
-        return t[rank * n:(rank + 1) * n]
-
-    batch.labeled_image = part(batch.labeled_image)
-    batch.labeled_label = part(batch.labeled_label)
-    batch.unlabeled_image = part(batch.unlabeled_image)
-    batch.labeled_index = part(batch.labeled_index)
-    batch.unlabeled_index = part(batch.unlabeled_index)
-    batch.extra_unlabeled = [part(t) for t in batch.extra_unlabeled]
-    return batch
 
 
 def convert_sync_bn(module: torch.nn.Module, info: DistInfo, device: torch.device, enabled: bool) -> torch.nn.Module:

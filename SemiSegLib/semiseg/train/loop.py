@@ -187,13 +187,8 @@ class Trainer:
                             cfg.find_unused_parameters or getattr(method_cls, "ddp_find_unused_parameters", False))
         if self.dist.enabled and self.dist.rank > 0:
             torch.manual_seed(cfg.seed + self.dist.rank)  # weights are set: per-rank dropout/noise from here on
-        src_kw = {}
-        self._shard_here = False
-        if self.dist.enabled:  # batch sizes are global; each rank trains on its contiguous slice of each stream
-            if D.source_accepts_sharding(BatchSource):
-                src_kw = {"rank": self.dist.rank, "world_size": self.dist.world_size}
-            else:
-                self._shard_here = True
+        # batch sizes are global: every rank draws the same global batch and trains on its contiguous slice
+        src_kw = {"rank": self.dist.rank, "world_size": self.dist.world_size} if self.dist.enabled else {}
         self.source = BatchSource(data.labeled, data.unlabeled if method_cls.uses_unlabeled else [], cfg.dim,
                                   tuple(cfg.patch_size), data.normalization, cfg.labeled_batch,
                                   cfg.unlabeled_batch if method_cls.uses_unlabeled else 0, cfg.seed, self.device,
@@ -281,10 +276,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ one step
     def next_batch(self):
         """This rank's part of the next global batch."""
-        batch = self.source.next()
-        if self._shard_here:
-            batch = D.shard_batch(batch, self.dist.rank, self.dist.world_size)
-        return batch
+        return self.source.next()
 
     def train_step(self, batch, step: int) -> tuple[dict[str, torch.Tensor], float]:
         """One optimisation step (learning rate, forward under autocast, backward, optimiser, EMA).
