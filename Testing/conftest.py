@@ -14,6 +14,19 @@ for sub in ("SemiSegLib", "SemiSegTrainer"):  # run from a plain checkout too
         sys.path.insert(0, str(ROOT / sub))
 
 SHARED_DATA = Path(os.environ.get("SEMISEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_preprocessing_cache(tmp_path_factory):
+    """Planned runs cache preprocessed arrays; the tests (and the trainer processes they start, which
+    inherit the environment) use a throw-away folder, never the user's ~/.cache/semiseg."""
+    old = os.environ.get("SEMISEG_CACHE")
+    os.environ["SEMISEG_CACHE"] = str(tmp_path_factory.mktemp("semiseg_cache"))
+    yield
+    if old is None:
+        os.environ.pop("SEMISEG_CACHE", None)
+    else:
+        os.environ["SEMISEG_CACHE"] = old
 ACDC = SHARED_DATA / "ACDC"
 LA = SHARED_DATA / "LA"
 
