@@ -260,6 +260,8 @@ def test_training_with_prefetch_resumes_bit_exact_like_without(tmp_path):
     with pytest.raises(CancelledError):
         Trainer(resolve_config(dict(tiny, prefetch=3)), tmp_path / "b", should_stop=stop).run()
     Trainer(resolve_config(dict(tiny, prefetch=2)), tmp_path / "b").run(resume=True)
+    import threading  # a finished or cancelled run leaves no prefetch thread behind
+    assert not [t for t in threading.enumerate() if t.name == "semiseg-prefetch"]
     a = load_checkpoint(tmp_path / "a" / "last.pt")["training"]["method"]
     b = load_checkpoint(tmp_path / "b" / "last.pt")["training"]["method"]
     assert all(torch.equal(a[k], b[k]) for k in a)

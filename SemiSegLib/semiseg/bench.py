@@ -65,8 +65,7 @@ def bench_method(cfg: TrainConfig, warmup: int = 3, iterations: int = 10, infere
             trainer._setup()
             return _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predict_volume, on_event)
         finally:
-            from .train import distributed as D
-            D.teardown(trainer.dist)
+            trainer.close()
 
 
 def _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predict_volume, on_event) -> dict:

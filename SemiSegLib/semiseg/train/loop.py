@@ -304,8 +304,13 @@ class Trainer:
         try:
             return self._run(resume)
         finally:
-            if getattr(self, "dist", None) is not None:
-                D.teardown(self.dist)
+            self.close()
+
+    def close(self) -> None:
+        """Release what ``_setup`` started: the batch source's prefetch thread and the process group."""
+        if getattr(self, "source", None) is not None:
+            self.source.close()
+        D.teardown(self.dist)
 
     def _run(self, resume: bool) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
