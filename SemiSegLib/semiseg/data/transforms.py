@@ -114,8 +114,8 @@ def random_crop_3d(image: torch.Tensor, label: torch.Tensor | None, patch: tuple
                    gen: torch.Generator):
     """UA-MT ``RandomCrop``: when any side is not larger than the patch, pad every axis by
     ``max((P - S) // 2 + 3, 0)`` on both sides (zeros), then crop at a uniform random offset."""
-    if any(s <= p for s, p in zip(image.shape, patch)):
-        pads = [max((p - s) // 2 + 3, 0) for s, p in zip(image.shape, patch)]
+    pads = ua_mt_crop_pads(tuple(image.shape), patch)
+    if any(pads):
         spec = []
         for p in reversed(pads):
             spec += [p, p]
@@ -169,15 +169,14 @@ class BatchedRandomGenerator2D:
         return draw_random_generator_2d(b, gen, self.max_angle)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor | None, code: torch.Tensor):
-        """(B, 1, X, Y) image, (B, X, Y) label or None, (B,) codes on the data's device."""
+        """(B, 1, X, Y) image, (B, X, Y) label or None, (B,) codes on the data's device: the batch laid
+        out as a store (a zero column first) and transformed by :meth:`apply_indexed`."""
         b = image.shape[0]
-        m = self.table.index_select(0, code.to(self.table.device))  # (B, n) values 0..n
-        zero = image.new_zeros(b, 1)
-        out = torch.cat([zero, image.reshape(b, -1)], 1).gather(1, m).reshape(image.shape)
-        lab = None
-        if label is not None:
-            lab = torch.cat([label.new_zeros(b, 1), label.reshape(b, -1)], 1).gather(1, m).reshape(label.shape)
-        return out, lab
+
+        def with_zero(t):
+            return torch.cat([t.new_zeros(b, 1), t.reshape(b, -1)], 1)
+        return self.apply_indexed(with_zero(image), with_zero(label) if label is not None else None,
+                                  torch.arange(b, device=image.device), code.to(self.table.device))
 
     def apply_indexed(self, images: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor, code: torch.Tensor):
         """The same on a store laid out as (N, 1 + X·Y) with a zero in column 0: the slices ``idx`` are
@@ -210,7 +209,8 @@ def rot_flip_source_map(k: int, axis: int, x: int, y: int) -> tuple[tuple[int, i
 
 
 def ua_mt_crop_pads(shape: tuple[int, ...], patch: tuple[int, ...]) -> list[int]:
-    """Per-axis padding of :func:`random_crop_3d` for a (rotated) volume shape."""
+    """Per-axis padding of UA-MT ``RandomCrop`` (:func:`random_crop_3d` and the batched crops): none when
+    every side is larger than the patch, else ``max((P - S) // 2 + 3, 0)`` on both sides of every axis."""
     if any(s <= p for s, p in zip(shape, patch)):
         return [max((p - s) // 2 + 3, 0) for s, p in zip(shape, patch)]
     return [0] * len(shape)
