@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.datasets import CaseRef, DataSplits
+from ..data.transforms import normalize
 from ..data.volume import Geometry, Volume
 from ..errors import SemiSegError
 from .plan import Plan
@@ -41,16 +42,14 @@ def _plan(plan) -> Plan:
 # ------------------------------------------------------------------------------------ steps
 def normalize_intensities(array: np.ndarray, normalization: dict) -> np.ndarray:
     """``ct``: clip to [lo, hi], then (x - mean) / std with the dataset's foreground statistics;
-    ``zscore``: per-volume (x - mean) / std; ``none``: unchanged."""
+    ``zscore`` (per volume) and ``none``: the engine's :func:`~semiseg.data.transforms.normalize`."""
     a = np.asarray(array, dtype=np.float32)
     scheme = normalization.get("scheme", "none")
     if scheme == "ct":
         lo, hi = normalization["clip"]
         return ((np.clip(a, lo, hi) - normalization["mean"]) / max(float(normalization["std"]), 1e-8)).astype(np.float32)
-    if scheme == "zscore":
-        return ((a - a.mean(dtype=np.float64)) / max(float(a.std(dtype=np.float64)), 1e-8)).astype(np.float32)
-    if scheme == "none":
-        return a
+    if scheme in ("zscore", "none"):
+        return normalize(a, scheme)
     raise SemiSegError(f"unknown normalisation scheme '{scheme}' in the plan")
 
 
@@ -65,14 +64,9 @@ def permute_volume(array: np.ndarray, geometry: Geometry, order) -> tuple[np.nda
                                                                       tuple(d.ravel().tolist()))
 
 
-def plan_grid(geometry: Geometry, shape, plan) -> tuple[Geometry, tuple[int, ...], Geometry, tuple[int, ...]]:
-    """(re-indexed geometry, re-indexed shape, target geometry, target shape) of a case under a plan."""
-    plan = _plan(plan)
-    dummy = np.empty(tuple(shape[:3]) + (1,) * (3 - len(shape)), dtype=np.uint8)
-    arr, g = permute_volume(dummy, geometry, plan.axis_order)
-    ts = [plan.target_spacing[a] for a in plan.axis_order]
-    tg, tshape = target_grid(g, arr.shape, ts)
-    return g, tuple(arr.shape), tg, tshape
+def reindexed_target_spacing(plan: Plan) -> list:
+    """The plan's target spacing in the re-indexed axis order (None = keep)."""
+    return [plan.target_spacing[a] for a in plan.axis_order]
 
 
 def _as3d(a: np.ndarray) -> np.ndarray:
@@ -86,15 +80,14 @@ def preprocess_image(volume: Volume, plan) -> Volume:
     arr, g = permute_volume(arr, volume.geometry, plan.axis_order)
     if not volume.spacing_known:
         return Volume(arr, g, volume.name, False)
-    _, _, tg, tshape = plan_grid(volume.geometry, volume.array.shape, plan)
+    tg, tshape = target_grid(g, arr.shape, reindexed_target_spacing(plan))
     return Volume(resample_image(arr, g, tg, tshape, plan.image_interpolation), tg, volume.name)
 
 
 def label_interpolation_for(plan: Plan, geometry: Geometry) -> str:
     if plan.label_interpolation != "auto":
         return plan.label_interpolation
-    down = any(t is not None and t > s * (1 + 1e-6) for t, s in
-               zip([plan.target_spacing[a] for a in plan.axis_order], geometry.spacing))
+    down = any(t is not None and t > s * (1 + 1e-6) for t, s in zip(reindexed_target_spacing(plan), geometry.spacing))
     return "linear" if down else "nearest"
 
 
@@ -103,7 +96,7 @@ def preprocess_label(volume: Volume, plan) -> Volume:
     arr, g = permute_volume(_as3d(volume.array), volume.geometry, plan.axis_order)
     if not volume.spacing_known:
         return Volume(arr, g, volume.name, False)
-    _, _, tg, tshape = plan_grid(volume.geometry, volume.array.shape, plan)
+    tg, tshape = target_grid(g, arr.shape, reindexed_target_spacing(plan))
     mode = label_interpolation_for(plan, g)
     return Volume(resample_label(arr, g, tg, tshape, mode), tg, volume.name)
 
