@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import protocol
 from .console import Reporter
-from .options import METHOD_PREFIX, add_train_options, describe_presets, split_args
+from .options import METHOD_PREFIX, add_config_options, add_train_options, describe_presets, split_args
 
 
 class StopFlag:
@@ -370,15 +370,8 @@ BENCHMARK_OWN = ("data", "labeled", "method", "seed", "method_options")  # set b
 
 def add_benchmark_train_options(parser: argparse.ArgumentParser) -> None:
     """Every TrainConfig field the grid does not set itself, passed through to each run."""
-    import dataclasses
-    from semiseg.config import TrainConfig
-    from .options import _add_field
-    g = parser.add_argument_group("options passed to every run (defaults from the preset; see `semiseg presets`)")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in BENCHMARK_OWN:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        _add_field(g, f, f.name, "preset" if default in (0, "", ()) else f"default {default}")
+    add_config_options(parser, "options passed to every run (defaults from the preset; see `semiseg presets`)",
+                       skip=BENCHMARK_OWN)
 
 
 def _parse_option_value(text: str, f):
@@ -634,15 +627,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     bn.add_argument("--set", action="append", default=[], metavar="[METHOD.]OPTION=VALUE",
                     help="a method hyper-parameter (repeatable)")
     bn.add_argument("--out", default="", help="write the results as JSON to this file")
-    g = bn.add_argument_group("training options (defaults from the preset; see `semiseg presets`)")
-    import dataclasses
-    from semiseg.config import TrainConfig
-    from .options import _add_field
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("data", "method", "iterations", "method_options"):
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        _add_field(g, f, f.name, "preset" if default in (0, "", ()) else f"default {default}")
+    add_config_options(bn, "training options (defaults from the preset; see `semiseg presets`)",
+                       skip=("data", "method", "iterations", "method_options"))
 
     rp = sub.add_parser("report", help="rebuild the benchmark tables from finished runs (no training)")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders searched for them")

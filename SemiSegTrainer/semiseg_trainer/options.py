@@ -32,11 +32,18 @@ def _add_field(group, f: dataclasses.Field, dest: str, default_text: str) -> Non
     group.add_argument(flag, **kw)
 
 
-def add_train_options(parser: argparse.ArgumentParser, method: str) -> None:
-    g = parser.add_argument_group("training configuration (defaults from the preset; see `semiseg presets`)")
+def add_config_options(parser: argparse.ArgumentParser, title: str, skip: tuple[str, ...] = ()) -> None:
+    """One option per ``TrainConfig`` field (except ``skip``), in a group called ``title``."""
+    g = parser.add_argument_group(title)
     for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        _add_field(g, f, f.name, "preset" if default in (0, "", ()) and f.name not in ("seed",) else f"default {default}")
+        _add_field(g, f, f.name, "preset" if default in (0, "", ()) else f"default {default}")
+
+
+def add_train_options(parser: argparse.ArgumentParser, method: str) -> None:
+    add_config_options(parser, "training configuration (defaults from the preset; see `semiseg presets`)")
     cls = METHODS[method]
     g = parser.add_argument_group(f"method '{method}' hyper-parameters ({cls.description})")
     for f in dataclasses.fields(cls.Options):
