@@ -116,6 +116,13 @@ def test_gaussian_weighting_changes_a_context_dependent_result_and_map_shape():
     pu = predict_3d(_conv_net(), vol, (16, 16, 16), (4, 4, 4), return_probs=True, half=False)[1]
     pg = predict_3d(_conv_net(), vol, (16, 16, 16), (4, 4, 4), return_probs=True, half=False, weighting="gaussian")[1]
     assert not np.allclose(pu, pg, atol=1e-7) and np.allclose(pg.sum(0), 1, atol=1e-5)
+    # the checkpoint's window_weighting (TrainConfig field) reaches the sliding window of segment/evaluate
+    from semiseg.inference import predict_volume
+    meta = {"dim": 3, "patch_size": [16, 16, 16], "stride": [4, 4, 4], "normalization": "none", "classes":
+            [{"value": 1}, {"value": 2}], "window_weighting": "gaussian"}
+    lg = predict_3d(_conv_net(), vol, (16, 16, 16), (4, 4, 4), half=False, weighting="gaussian")
+    assert np.array_equal(predict_volume(_conv_net(), vol, meta, half=False), lg)
+    assert np.array_equal(predict_volume(_conv_net(), vol, {**meta, "window_weighting": "uniform"}, half=False), pu.argmax(0))
     g = importance_map((32, 32, 16))
     assert g.max() == 1 and g[16, 16, 8] == 1 and g.min() > 0
     # sigma = 32/8 = 4 voxels: one sigma from the centre along x the weight is about exp(-1/2)

@@ -136,7 +136,8 @@ def predict_volume(net: torch.nn.Module, image: np.ndarray, meta: dict, lcc: boo
         if image.ndim == 2:
             pred = pred[..., 0]
     else:
-        pred = predict_3d(net, img, tuple(meta["patch_size"]), tuple(stride or meta["stride"]), half=half)
+        pred = predict_3d(net, img, tuple(meta["patch_size"]), tuple(stride or meta["stride"]), half=half,
+                          weighting=meta.get("window_weighting", "uniform"))
     values = np.array([0] + [c["value"] for c in meta["classes"]], dtype=np.int32)
     pred = values[pred].astype(np.uint8 if values.max() < 256 else np.uint16)
     if lcc if lcc is not None else meta.get("lcc", False):
