@@ -61,3 +61,57 @@ def test_out_of_memory_becomes_one_clear_line(tmp_path, monkeypatch):
     t._setup = setup
     with pytest.raises(SemiSegError, match=r"out of GPU memory at iteration 0 \(patch \(32, 32\), batch 4\+4\)"):
         t.run()
+
+
+# ------------------------------------------------------------------ the matched supervised baseline
+def _method_labeled_term(method, options, dim, logits, label):
+    """Each method's supervised term, computed by the method's own code."""
+    from types import SimpleNamespace
+    from semiseg.losses import supervised_loss
+    from semiseg.methods.caml import CAML
+    from semiseg.methods.common import labeled_loss
+    from semiseg.methods.ss_net import ssnet_supervised_loss
+    if method in ("ss_net", "lcc"):
+        return ssnet_supervised_loss(logits, label, options["sup_loss"], options["dice"], dim)
+    if method == "caml":  # CAML.supervised reads only options.dice and ctx.dim
+        me = SimpleNamespace(options=SimpleNamespace(dice=options["dice"]), ctx=SimpleNamespace(dim=dim))
+        return CAML.supervised(me, torch.softmax(logits, 1), label)
+    if method in ("icl", "icl_lite"):
+        return supervised_loss(logits, label, "ce_plus_dice", "multiclass")
+    return labeled_loss(logits, label, SimpleNamespace(**options), dim)
+
+
+@pytest.mark.parametrize("method,data", [("mean_teacher", "phantom"), ("ua_mt", "la:/x"), ("unimatch", "phantom"),
+                                         ("agp", "acdc:/x"), ("ss_net", "phantom"), ("lcc", "la:/x"),
+                                         ("caml", "phantom"), ("caml", "la:/x"), ("icl_lite", "phantom")])
+def test_matched_supervised_baseline_differs_from_the_method_only_in_the_unlabeled_terms(method, data):
+    from dataclasses import asdict
+    from semiseg.config import matched_supervised
+    from semiseg.methods.common import labeled_loss
+    from types import SimpleNamespace
+    cfg = resolve_config({"data": data, "method": method})
+    base = matched_supervised(cfg)
+    a, b = asdict(cfg), asdict(base)
+    assert base.method == "supervised" and {k for k in a if a[k] != b[k]} <= {"method", "method_options"}
+    assert set(base.method_options) == {"sup_loss", "dice"}
+    # the baseline's loss is the method's labeled term (SS-Net's 2D Dice smoothing 1e-10 vs 1e-5 aside)
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 3, 6, 6) + ((5,) if cfg.dim == 3 else ())
+    logits = torch.randn(shape, generator=g) * 2
+    label = torch.randint(0, 3, (shape[0],) + shape[2:], generator=g)
+    ours = labeled_loss(logits, label, SimpleNamespace(**base.method_options), cfg.dim)
+    theirs = _method_labeled_term(method, cfg.method_options, cfg.dim, logits, label)
+    assert float(ours) == pytest.approx(float(theirs), abs=1e-4), (method, base.method_options)
+
+
+def test_the_default_supervised_recipe_is_not_the_matched_baseline_of_unimatch():
+    """Why the matched baseline exists: the dataset's default supervised run infers with nearest resize and
+    trains ½(CE+Dice); UniMatch's baseline keeps its bilinear logit resize and transposed-conv decoder,
+    SS-Net's its Dice-only loss and bilinear decoder."""
+    from semiseg.config import matched_supervised
+    default = resolve_config({"data": "phantom", "method": "supervised"})
+    uni = matched_supervised(resolve_config({"data": "phantom", "method": "unimatch"}))
+    ss = matched_supervised(resolve_config({"data": "phantom", "method": "ss_net"}))
+    assert (default.resize, uni.resize, uni.upsampling) == ("nearest", "bilinear", "transpose")
+    assert ss.method_options["sup_loss"] == "dice" and ss.upsampling == "bilinear"
+    assert default.method_options["sup_loss"] == "half_ce_dice"

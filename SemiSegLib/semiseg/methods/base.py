@@ -64,6 +64,12 @@ class Method(nn.Module):
         """Called once before the first iteration with ``log(message)`` (e.g. a memory estimate).
         Raise ``SemiSegError`` here when the run cannot work (it will not fit, say)."""
 
+    @classmethod
+    def baseline_supervised_loss(cls, options: dict, dim: int) -> dict:
+        """The ``supervised`` options whose loss equals this method's labeled term, for a baseline that
+        differs from the method only in the unlabeled terms (:func:`semiseg.config.matched_supervised`)."""
+        return {k: options[k] for k in ("sup_loss", "dice") if k in options}
+
     def inference_network(self) -> nn.Module:
         """The plain network saved for ``semiseg segment`` (training-only parts excluded)."""
         return self.student

@@ -134,6 +134,11 @@ class CAML(Method):
         return (consistency_weight(step + 1, o.consistency, self.ramp),
                 consistency_weight(step + 1, o.consistency_o, self.ramp))
 
+    @classmethod
+    def baseline_supervised_loss(cls, options: dict, dim: int) -> dict:
+        kind = options.get("dice", "auto")
+        return {"sup_loss": "dice", "dice": ("binary" if dim == 3 else "multiclass") if kind == "auto" else kind}
+
     def supervised(self, probs: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Binary Dice on the foreground (SS-Net/CAML ``Binary_dice_loss``: non-squared, smooth 1e-8), or
         the SSL4MIS multi-class Dice of the 2D lineage (MC-Net/SS-Net 2D) for the 2D extension."""

@@ -19,8 +19,9 @@ class SupervisedOptions:
         "help": "supervised loss: half_ce_dice = ½(CE+Dice) (SSL4MIS, UA-MT), dice (SS-Net, CAML), ce_plus_dice (ICL)",
         "choices": ["half_ce_dice", "dice", "ce_plus_dice"]})
     dice: str = field(default="auto", metadata={
-        "help": "Dice form: multiclass (all classes incl. background, SSL4MIS 2D), foreground (UA-MT 3D); auto by dimension",
-        "choices": ["auto", "multiclass", "foreground"]})
+        "help": "Dice form: multiclass (all classes incl. background, SSL4MIS 2D), foreground (UA-MT 3D), binary "
+                "(SS-Net/CAML 3D: non-squared, smooth 1e-8); auto by dimension (multiclass 2D, foreground 3D)",
+        "choices": ["auto", "multiclass", "foreground", "binary"]})
 
 
 def labeled_loss(logits: torch.Tensor, label: torch.Tensor, opts, dim: int) -> torch.Tensor:

@@ -93,6 +93,10 @@ class ICL(Method):
     exact: bool = True
 
     @classmethod
+    def baseline_supervised_loss(cls, options: dict, dim: int) -> dict:
+        return {"sup_loss": "ce_plus_dice", "dice": "multiclass"}
+
+    @classmethod
     def configure_options(cls, options: dict, cfg) -> dict:
         if cls.exact:
             if not options.get("train_size"):

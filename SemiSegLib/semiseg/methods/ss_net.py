@@ -90,6 +90,13 @@ class SeparationMethod(Method):
         super().__init__(student, options, ctx)
         self.separation = PrototypeSeparation(ctx.num_classes, embedding_channels(student), options)
 
+    @classmethod
+    def baseline_supervised_loss(cls, options: dict, dim: int) -> dict:
+        # the same kind and Dice form (the 2D Dice's smoothing, 1e-10 here vs 1e-5, is not carried over)
+        form = options.get("dice", "auto")
+        return {"sup_loss": options.get("sup_loss", "dice"),
+                "dice": ("multiclass" if dim == 2 else "binary") if form == "auto" else form}
+
     def supervised(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         return ssnet_supervised_loss(logits, label, self.options.sup_loss, self.options.dice, self.ctx.dim)
 
