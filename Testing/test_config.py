@@ -1,4 +1,6 @@
 """Configuration layering and the command line generated from it."""
+import json
+
 import pytest
 import torch
 
@@ -115,3 +117,17 @@ def test_the_default_supervised_recipe_is_not_the_matched_baseline_of_unimatch()
     assert (default.resize, uni.resize, uni.upsampling) == ("nearest", "bilinear", "transpose")
     assert ss.method_options["sup_loss"] == "dice" and ss.upsampling == "bilinear"
     assert default.method_options["sup_loss"] == "half_ce_dice"
+
+
+def test_train_baseline_flag_trains_the_matched_supervised_run(tmp_path):
+    from semiseg.checkpoint import load_checkpoint
+    from semiseg_trainer.cli import main
+    out = tmp_path / "run"
+    assert main(["--json", "train", "--data", "phantom:3", "--labeled", "1", "--method", "unimatch", "--baseline",
+                 "--iterations", "2", "--patch-size", "32", "32", "--labeled-batch", "1", "--unlabeled-batch", "1",
+                 "--val-every", "0", "--threads", "1", "--device", "cpu", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["method"], cfg["resize"], cfg["upsampling"]) == ("supervised", "bilinear", "transpose")
+    assert cfg["method_options"] == {"sup_loss": "half_ce_dice", "dice": "auto"}
+    ck = load_checkpoint(out / "best.pt")
+    assert ck["network"]["upsampling"] == "transpose" and ck["meta"]["resize"] == "bilinear"

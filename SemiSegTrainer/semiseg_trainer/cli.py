@@ -64,7 +64,7 @@ def _report_plan(reporter, plan, path=None) -> None:
 
 
 def cmd_train(ns, reporter) -> int:
-    from semiseg.config import load_config_file
+    from semiseg.config import load_config_file, matched_supervised
     from semiseg.planning import plan_training
     from semiseg.train.loop import Trainer
     out = Path(ns.out)
@@ -74,6 +74,8 @@ def cmd_train(ns, reporter) -> int:
     rank0 = int(os.environ.get("RANK", "0") or 0) == 0
     cfg, data, _ = plan_training(split_args(ns), file_values, out if rank0 else None, ns.resume,
                                  on_plan=(lambda p: _report_plan(reporter, p, out / "plan.json")) if rank0 else None)
+    if ns.baseline:
+        cfg = matched_supervised(cfg)
     stop = StopFlag(out)
     summary = Trainer(cfg, out, data=data, on_event=reporter, should_stop=stop).run(resume=ns.resume)
     if not reporter.json and rank0:
@@ -535,6 +537,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run folder (config.json, best.pt, last.pt, progress.jsonl, metrics.json)")
     t.add_argument("--config", help="YAML or JSON file of options (command-line options win)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--baseline", action="store_true",
+                   help="train the method's matched supervised baseline instead: the same network, inference "
+                        "resize, schedule, budget and supervised loss, no unlabeled term (the fair comparison)")
     add_train_options(t, method)
 
     s = sub.add_parser("segment", help="segment image files with a trained model")
