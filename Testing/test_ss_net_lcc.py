@@ -23,6 +23,8 @@ from semiseg.networks import build_network
 from semiseg.schedules import sigmoid_rampup
 from semiseg.train.loop import Trainer
 
+from phantom_comparison import assert_beats_matched_baseline
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -380,20 +382,15 @@ def test_phantom_training_saves_the_plain_network(method, phantom_data):
     assert keys == plain  # best.pt holds the plain network, no heads, memory or teacher
 
 
-# Both sides use the SAME supervised loss (SS-Net's Dice only): comparing against `supervised` with its
-# ½(CE+Dice) default measured the loss form, not the method (at 60 iterations the consistency weight is
-# still ~0: 0.1·exp(−5)). Measured at equal loss, 1 labeled + 5 unlabeled phantom volumes, 32x32, batch
-# 2+2, 600 iterations (ramp 300), best validation Dice, one CPU thread:
-#   seed 1337: supervised 0.8174, ss_net 0.8218, lcc 0.8302;  seed 1: supervised 0.8171, ss_net 0.7839, lcc 0.7912
-# and at 48x48, 400 iterations, 1 + 9 volumes, seed 1337: supervised 0.8716, mean_teacher 0.8573, lcc 0.8561,
-# ss_net 0.8765; 48x48, 1 + 19 volumes, batch 4+4, 2000 iterations, seed 1337: supervised 0.8727, lcc 0.8615,
-# ss_net 0.8653. So at CPU budgets neither method reliably beats the baseline on the phantom (issue 3 open).
+# Protocol and matched baseline (same bilinear decoder and Dice-only loss): Testing/phantom_comparison.py.
+# Measured, best validation Dice, matched supervised vs method, 1600 iterations, seeds 1337 / 1:
+#   ss_net  0.8454 vs 0.8350 / 0.8329 vs 0.8541   (−1.0 / +2.1 points)
+#   lcc     0.8454 vs 0.8348 / 0.8329 vs 0.8251   (−1.1 / −0.8)
+# (older, same conclusion: 600 it seed 1337/1 supervised 0.8174/0.8171, ss_net 0.8218/0.7839, lcc 0.8302/0.7912;
+# 48x48, 1 + 19 volumes, 4+4, 2000 it: supervised 0.8727, lcc 0.8615, ss_net 0.8653.) So at CPU budgets neither
+# reliably beats its baseline on the phantom (issue 3 open on this point); CAML and AGP do (their tests).
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not yet shown: at equal supervised loss SS-Net/LCC tie or lose at CPU budgets")
+@pytest.mark.xfail(strict=False, reason="not shown at this CPU budget: ties or loses against its matched baseline")
 @pytest.mark.parametrize("method", ["ss_net", "lcc"])
-@pytest.mark.parametrize("seed", [1337, 1])
-def test_method_beats_supervised_at_equal_supervised_loss(method, seed, phantom_data):
-    budget = dict(iterations=600, val_every=100, seed=seed, method_options={"sup_loss": "dice"})
-    sup, _ = phantom_run("supervised", phantom_data, **budget)
-    ours, _ = phantom_run(method, phantom_data, **budget)
-    assert ours > sup + 0.01, (method, seed, ours, sup)
+def test_method_beats_its_matched_supervised_baseline(method):
+    assert_beats_matched_baseline(method, iterations=1600, seeds=(1337, 1))

@@ -17,7 +17,7 @@ from semiseg.methods.parts.weak_strong import masked_dice, mixed_targets
 from semiseg.networks import build_network
 from semiseg.train.loop import Trainer
 
-from phantom_comparison import method_and_baseline
+from phantom_comparison import assert_beats_matched_baseline
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -296,19 +296,18 @@ def test_agp_trains_and_saves_a_plain_transpose_unet_with_bilinear_inference(tmp
 # ------------------------------------------------------------------------------------ against supervised
 # Protocol and matched baseline: Testing/phantom_comparison.py (the earlier version of this test compared
 # against the default `supervised` recipe, whose nearest-neighbour inference resize alone cost it 3 points).
-# Measured, best validation Dice, matched supervised vs method, 1600 iterations, seeds 1337 / 1 / 2:
+# Measured with this protocol, best validation Dice, matched supervised vs method, 1600 iterations,
+# seeds 1337 / 1 / 2:
 #   agp       0.8671 vs 0.8976 / 0.8787 vs 0.9009 / 0.8571 vs 0.9016   (+3.1 / +2.2 / +4.5 points)
 #   unimatch  0.8671 vs 0.8698 / 0.8787 vs 0.8781 / 0.8571 vs 0.8718   (+0.3 / −0.1 / +1.5: not shown)
-#   fixmatch  FIXMATCH_NUMBERS
+#   fixmatch  0.8671 vs 0.8331 / 0.8787 vs 0.8362 / not run          (−3.4 / −4.3: loses)
 # At 800 iterations (seeds 1337 / 1) not even AGP is ahead: supervised 0.8553 / 0.8727, agp 0.8710 / 0.8621,
 # unimatch 0.8737 / 0.8593. About 3 min per AGP run and 1 min per baseline on one CPU thread.
-NOT_SHOWN = pytest.mark.xfail(strict=False, reason="not shown at this CPU budget: ties its matched baseline")
+NOT_SHOWN = pytest.mark.xfail(strict=False, reason="not shown at this CPU budget: ties or loses against its matched baseline")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1337, 1, 2])
 @pytest.mark.parametrize("name", ["agp", pytest.param("unimatch", marks=NOT_SHOWN),
                                   pytest.param("fixmatch", marks=NOT_SHOWN)])
-def test_beats_its_matched_supervised_baseline_on_the_phantom(name, seed):
-    ours, supervised = method_and_baseline(name, seed, iterations=1600)
-    assert ours > supervised + 0.01, (name, seed, ours, supervised)
+def test_beats_its_matched_supervised_baseline_on_the_phantom(name):
+    assert_beats_matched_baseline(name, iterations=1600)
