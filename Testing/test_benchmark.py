@@ -274,3 +274,25 @@ def test_method_options_for_the_grid():
     for bad in (["supervised.consistency=1"], ["nothing=1"], ["ua_mt.mc_passes=two"], ["caml.x=1"], ["novalue"]):
         with pytest.raises(SemiSegError):
             parse_method_sets(bad, methods)
+
+
+def test_grid_matched_baseline_is_the_methods_run_without_its_unlabeled_terms(tmp_path):
+    from semiseg.config import matched_supervised
+    from semiseg_trainer.cli import parse_method_sets
+    methods = ["supervised", "supervised@unimatch", "unimatch"]
+    # supervised@X takes X's options: its baseline is derived from X's run as configured
+    sets = parse_method_sets(["dice=multiclass", "unimatch.conf_thresh=0.9"], methods)
+    assert sets["supervised@unimatch"] == {"dice": "multiclass"}
+    specs = B.plan_grid("phantom:6", methods, [1], [1337], tmp_path, TINY, sets)
+    plain, matched, method = (resolve_config(s.explicit) for s in specs)
+    assert specs[1].dir.name == "supervised@unimatch-L1-s1337" and matched.method == "supervised"
+    assert matched.to_dict() == matched_supervised(method).to_dict()
+    assert (plain.resize, matched.resize, matched.upsampling) == ("nearest", "bilinear", "transpose")
+    assert matched.method_options == {"sup_loss": "half_ce_dice", "dice": "multiclass"}
+    # in the table the two supervised runs are two variants, told apart by what differs from the preset
+    for spec, dice in ((specs[0], 0.5), (specs[1], 0.6)):
+        fake_run(tmp_path / spec.dir.name, spec.explicit, {"RV": dice, "LV": dice}, 1.0)
+    labels = [g.label for g in B.group_runs(B.collect_runs([tmp_path]))]
+    assert len(labels) == 2 and all(label.startswith("supervised [") for label in labels)
+    matched_label = [label for label in labels if "resize=bilinear" in label]
+    assert len(matched_label) == 1 and "upsampling=transpose" in matched_label[0]

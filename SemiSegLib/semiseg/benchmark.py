@@ -128,7 +128,7 @@ def plan_grid(data: str, methods: list[str], labeled: list[int], seeds: list[int
     """Every run of the grid, in the order they are trained: per setting, per seed, every method (so a
     partial benchmark has whole seeds). Each configuration is resolved now, so a bad option fails before
     any training starts."""
-    from .config import resolve_config
+    from .config import matched_method, matched_supervised_explicit, resolve_config
     from .methods import get_method
     common = dict(common or {})
     for k in GRID_KEYS + ("data",):
@@ -143,10 +143,12 @@ def plan_grid(data: str, methods: list[str], labeled: list[int], seeds: list[int
     for lab in labeled:
         for seed in seeds:
             for m in methods:
-                get_method(m)
-                explicit = dict(common, data=data, method=m, labeled=lab, seed=seed)
+                get_method(matched_method(m))
+                explicit = dict(common, data=data, method=matched_method(m), labeled=lab, seed=seed)
                 if method_options.get(m):
                     explicit["method_options"] = dict(method_options[m])
+                if m != matched_method(m):  # supervised@X: X's matched supervised baseline
+                    explicit = matched_supervised_explicit(explicit)
                 resolve_config(explicit)  # validates
                 specs.append(RunSpec(m, lab, seed, Path(out) / "runs" / run_name(m, lab, seed), explicit))
     return specs

@@ -174,6 +174,26 @@ def matched_supervised(cfg: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+MATCHED_PREFIX = "supervised@"  # benchmark grid name of a matched baseline: supervised@unimatch
+
+
+def matched_method(name: str) -> str:
+    """The method a grid name trains or is matched to: ``supervised@unimatch`` -> ``unimatch``."""
+    return name[len(MATCHED_PREFIX):] if name.startswith(MATCHED_PREFIX) else name
+
+
+def matched_supervised_explicit(explicit: dict[str, Any]) -> dict[str, Any]:
+    """An ``explicit`` layer that resolves to ``matched_supervised(resolve_config(explicit))``: the method
+    becomes ``supervised`` and every field where the matched run differs from a plain supervised run is
+    stated (so run folders, resumption and tables built on explicit layers work unchanged)."""
+    matched = matched_supervised(resolve_config(explicit)).to_dict()
+    out = {k: v for k, v in explicit.items() if k != "method_options"}
+    out.update(method="supervised", method_options=dict(matched["method_options"]))
+    plain = resolve_config(out).to_dict()
+    out.update({k: matched[k] for k in matched if matched[k] != plain[k]})
+    return out
+
+
 def validate(cfg: TrainConfig) -> None:
     if cfg.dim not in (2, 3):
         raise SemiSegError(f"dim must be 2 or 3, not {cfg.dim}")

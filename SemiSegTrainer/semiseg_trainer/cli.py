@@ -395,6 +395,7 @@ def _parse_option_value(text: str, f):
 def parse_method_sets(items: list[str], methods: list[str]) -> dict[str, dict]:
     """``--set METHOD.OPTION=VALUE`` (one method) or ``--set OPTION=VALUE`` (every listed method that has it)."""
     import dataclasses
+    from semiseg.config import matched_method
     from semiseg.errors import SemiSegError
     from semiseg.methods import get_method
     out: dict[str, dict] = {}
@@ -408,8 +409,8 @@ def parse_method_sets(items: list[str], methods: list[str]) -> dict[str, dict]:
         if target and target not in methods:
             raise SemiSegError(f"--set {item}: method '{target}' is not in --methods ({', '.join(methods)})")
         hit = False
-        for m in targets:
-            fields = {f.name: f for f in dataclasses.fields(get_method(m).Options)}
+        for m in targets:  # supervised@X takes X's options (its baseline is derived from X's run)
+            fields = {f.name: f for f in dataclasses.fields(get_method(matched_method(m)).Options)}
             if name not in fields:
                 if target:
                     raise SemiSegError(f"--set {item}: method '{m}' has no option '{name}' "
@@ -443,7 +444,7 @@ def _print_report(info: dict, reporter) -> None:
 def cmd_benchmark(ns, reporter) -> int:
     import shlex
     from semiseg import benchmark
-    from semiseg.config import resolve_config
+    from semiseg.config import matched_method, resolve_config
     from semiseg.errors import SemiSegError
     methods = [m for m in ns.methods.replace(" ", "").split(",") if m]
     if not methods:
@@ -454,7 +455,7 @@ def cmd_benchmark(ns, reporter) -> int:
     if ns.labeled:
         labeled = benchmark.parse_int_list(ns.labeled, "--labeled")
     else:
-        labeled = [resolve_config({"data": ns.data, "method": methods[0], **common}).labeled]
+        labeled = [resolve_config({"data": ns.data, "method": matched_method(methods[0]), **common}).labeled]
     seeds = benchmark.derive_seeds(ns.seeds, ns.seed)
     specs = benchmark.plan_grid(ns.data, methods, labeled, seeds, ns.out, common,
                                 parse_method_sets(ns.set, methods))
@@ -603,7 +604,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                                    "semiseg benchmark --data acdc:../shared/data/ACDC --methods supervised,mean_teacher "
                                    "--labeled 3,7 --seeds 3 --out bench/acdc")
     b.add_argument("--data", required=True, help="dataset: acdc:PATH, la:PATH, phantom[:N], a folder or a CSV")
-    b.add_argument("--methods", required=True, help="comma-separated methods (see `semiseg methods`)")
+    b.add_argument("--methods", required=True, help="comma-separated methods (see `semiseg methods`); "
+                                                    "supervised@METHOD = METHOD's matched supervised baseline "
+                                                    "(same network, resize, schedule, supervised loss)")
     b.add_argument("--labeled", default="", help="comma-separated label counts (default: the preset's)")
     b.add_argument("--seeds", default="3", help="number of seeds N (seeds SEED, SEED+1, ..., SEED+N-1) or a "
                                                 "comma-separated list of seeds")
