@@ -270,6 +270,8 @@ def test_cli_plan_train_segment_end_to_end(iso_dataset, tmp_path):
 #   MRI phantom, 48x48, batch 4+4, 300 it: seed 1337 0.8628 vs 0.8655, seed 1 0.8693 vs 0.8628
 #   CT phantom, 48^3, batch 2+2, 150 it (2 threads, ~8 min per run): seed 1337 0.3015 vs 0.3032
 #   MRI phantom, 1 labeled + 19 unlabeled, 48x48, 4+4, 2000 it: seed 1337 0.8383 vs 0.8619, seed 1 0.8472 vs 0.8457
+#   MRI phantom, 4 + 16, 32x32, 2+2, 1600 it, agp vs its matched baseline (Testing/phantom_comparison.py; agp
+#   beats it with 1 labeled volume): seed 1337 0.9231 vs 0.9155 -- with 4 labeled volumes the baseline is at 0.92
 # i.e. a tie or a seed-dependent gain at CPU budgets: not shown yet (issue 7 open on this point).
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason="not yet shown: mean_teacher ties supervised on the phantoms at CPU budgets")
