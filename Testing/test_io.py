@@ -435,3 +435,39 @@ def test_write_creates_folder_and_rejects_two_file_formats(tmp_path):
 def test_default_palette_colours_are_distinct():
     colours = [io.default_color(v) for v in range(1, len(io.DEFAULT_PALETTE) + 1)]
     assert len(set(colours)) == len(colours)
+
+
+# ---------------------------------------------------------------------------------------- headers
+@pytest.mark.parametrize("name,dim,components", [("a.nrrd", 3, 1), ("b.nii.gz", 3, 1), ("c.mha", 2, 1),
+                                                 ("d.mha", 2, 3)])
+def test_header_read_gives_the_grid_of_the_full_read(tmp_path, name, dim, components):
+    from semiseg.data.io import read_volume_header
+    size = (7, 5, 4)[:dim]
+    arr = np.random.default_rng(0).random(size[::-1] + ((components,) if components > 1 else ()))
+    img = sitk.GetImageFromArray(arr.astype(np.float32), isVector=components > 1)
+    img.SetSpacing((0.7, 1.3, 2.9)[:dim])
+    img.SetOrigin((10.0, -4.5, 3.25)[:dim])
+    c, s = np.cos(0.4), np.sin(0.4)
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, -1.0]])[:dim, :dim]
+    img.SetDirection(tuple(rot.ravel()))
+    sitk.WriteImage(img, str(tmp_path / name))
+    full = read_volume(tmp_path / name)
+    shape, geometry = read_volume_header(tmp_path / name)
+    assert shape == full.array.shape and geometry == full.geometry
+
+
+def test_fingerprint_reads_only_the_header_of_unlabeled_files(tmp_path):
+    from semiseg.data.datasets import CaseRef
+    from semiseg.planning.fingerprint import fingerprint_cases
+    vol = Volume(np.zeros((6, 5, 4), np.float32), Geometry((0.5, 0.6, 3.0), (1.0, 2.0, 3.0),
+                                                           (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)), "u")
+    write_volume(tmp_path / "u.nrrd", vol)
+
+    def never():
+        raise AssertionError("the unlabeled image's voxels were read")
+    lab = CaseRef("l", lambda: vol, lambda: Volume(np.ones((6, 5, 4), np.uint8), vol.geometry, "l"))
+    fp = fingerprint_cases([lab], [CaseRef("u", never, None, (str(tmp_path / "u.nrrd"),))])
+    u = fp.cases[1]
+    full = read_volume(tmp_path / "u.nrrd")
+    assert (u.shape, u.spacing, u.direction, u.labeled) == (full.array.shape, full.geometry.spacing,
+                                                            full.geometry.direction, False)

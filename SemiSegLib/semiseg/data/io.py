@@ -87,6 +87,7 @@ def _lower_name(path: str) -> str:
 
 
 def _geometry_from_sitk(img) -> Geometry:
+    """From a SimpleITK image or an ImageFileReader after ReadImageInformation (same getters)."""
     dim = img.GetDimension()
     spacing = list(img.GetSpacing())
     origin = list(img.GetOrigin())
@@ -213,6 +214,24 @@ def read_volume(path) -> Volume:
             raise SemiSegError(f"cannot read image {path}: it has {ncomp} components per voxel, "
                                f"expected a scalar (grey-level) image")
     return Volume(arr.astype(np.float32, copy=False), _geometry_from_sitk(img), _stem(path))
+
+
+def read_volume_header(path) -> tuple[tuple[int, int, int], Geometry]:
+    """The (x, y, z) size and geometry :func:`read_volume` would give, from the header alone (no voxel
+    data is read: planning looks at every unlabeled scan's grid but at none of its intensities)."""
+    path = os.fspath(path)
+    _check_readable(path, "image")
+    reader = _sitk().ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except Exception as exc:
+        raise SemiSegError(f"cannot read image {path}: {_short_reason(exc)}") from None
+    dim = reader.GetDimension()
+    if dim not in (2, 3):
+        raise SemiSegError(f"cannot read image {path}: it has {dim} dimensions, expected a 2D or 3D image")
+    size = tuple(int(n) for n in reader.GetSize()) + ((1,) if dim == 2 else ())
+    return size, _geometry_from_sitk(reader)
 
 
 def write_volume(path, volume: Volume) -> None:

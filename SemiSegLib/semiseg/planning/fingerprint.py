@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..data.datasets import CaseRef, DataSplits
+from ..data.io import read_volume_header
 
 CT_AIR_THRESHOLD = -500.0  # HU: air is about -1000, fat -100; MR intensities are not negative
 
@@ -98,12 +99,16 @@ def fingerprint_cases(refs_labeled: list[CaseRef], refs_unlabeled: list[CaseRef]
     rng = np.random.default_rng(seed)
     cases, fg, allv = [], [], []
     for ref, labeled in [(r, True) for r in refs_labeled] + [(r, False) for r in refs_unlabeled]:
-        img = ref.image()
         hm = header_modality(ref.sources[0]) if ref.sources else ""
-        shape = tuple(int(n) for n in img.array.shape)
-        cases.append(CaseFingerprint(ref.name, shape, tuple(float(s) for s in img.geometry.spacing),
-                                     tuple(float(v) for v in img.geometry.direction), bool(img.spacing_known),
-                                     labeled, hm))
+        if labeled or not ref.sources:
+            img = ref.image()
+            shape, geometry, spacing_known = img.array.shape, img.geometry, img.spacing_known
+        else:  # an unlabeled file: its grid is all the fingerprint needs
+            shape, geometry = read_volume_header(ref.sources[0])
+            spacing_known = True  # as read_volume's volumes
+        cases.append(CaseFingerprint(ref.name, tuple(int(n) for n in shape),
+                                     tuple(float(s) for s in geometry.spacing),
+                                     tuple(float(v) for v in geometry.direction), bool(spacing_known), labeled, hm))
         if labeled:
             lab = ref.label().array
             fg.append(_sample(img.array[lab > 0], samples_per_case, rng))
