@@ -15,6 +15,8 @@ from pathlib import Path
 
 from . import protocol
 from .console import Reporter
+from semiseg.planning import PLAN_INPUT_FIELDS
+
 from .options import METHOD_PREFIX, add_config_options, add_train_options, describe_presets, split_args
 
 
@@ -109,18 +111,16 @@ def cmd_plan(ns, reporter) -> int:
     """Fingerprint a dataset, print its plan in one block and write it as JSON (optionally preprocess)."""
     from semiseg.data.datasets import load_dataset
     from semiseg.planning import fingerprint_splits, make_plan, plan_overrides, preprocess_all
-    data = load_dataset(ns.data, ns.labeled or None, None, None, ns.dim or None, class_map=ns.class_map)
-    given = {k: v for k, v in vars(ns).items() if v not in (None, 0, "", "auto", [])}
-    if given.get("target_spacing") is not None:
-        given["target_spacing"] = [t if t > 0 else None for t in given["target_spacing"]]
+    given = {k: v for k, v in split_args(ns).items() if v not in (0, "", "auto", ())}
+    data = load_dataset(ns.data, given.get("labeled"), None, None, given.get("dim"), class_map=given.get("class_map", ""))
     fp = fingerprint_splits(data, ns.data)
-    plan = make_plan(fp, ns.device, ns.memory_budget_gb, plan_overrides(given))
+    plan = make_plan(fp, given.get("device", "auto"), given.get("memory_budget_gb", 0.0), plan_overrides(given))
     out = Path(ns.out)
     plan.save(out)
     _report_plan(reporter, plan, out)
     if ns.preprocess:
         for run in ("first", "second"):
-            r = preprocess_all(data, plan, ns.cache_dir or None)
+            r = preprocess_all(data, plan, given.get("cache_dir") or None)
             msg = (f"preprocessing ({run} run): {r['cases']} cases in {r['seconds']:.2f} s, {r['misses']} computed, "
                    f"{r['hits']} read from the cache; cache {r['cache_bytes'] / 2**20:.1f} MiB in {r['cache_dir']}")
             reporter({"event": "preprocessed", "run": run, **r}) if reporter.json else print(msg)
@@ -577,21 +577,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                                     "intensity normalisation. Example: semiseg plan my_scans/ --out plan.json")
     pl.add_argument("data", help="dataset: a folder or CSV of your scans, or acdc:PATH, la:PATH, phantom[:N]")
     pl.add_argument("--out", default="plan.json", help="plan JSON to write (train with --plan PATH to use it)")
-    pl.add_argument("--labeled", type=int, default=0, help="labeled cases (default: the dataset's)")
-    pl.add_argument("--dim", type=int, choices=[2, 3], default=0, help="force 2D or 3D (default: decided)")
-    pl.add_argument("--target-spacing", nargs=3, type=float, metavar="MM", help="resampling spacing per array axis (0 = keep)")
-    pl.add_argument("--modality", choices=["auto", "ct", "mr"], default="auto")
-    pl.add_argument("--memory-budget-gb", type=float, default=0.0, help="0 = GPU memory x 0.75, CPU 8 GB")
-    pl.add_argument("--patch-size", nargs="+", type=int, metavar="N")
-    pl.add_argument("--labeled-batch", type=int, default=0)
-    pl.add_argument("--unlabeled-batch", type=int, default=0)
-    pl.add_argument("--network", default="")
-    pl.add_argument("--image-interpolation", choices=["linear", "bspline"], default="")
-    pl.add_argument("--label-interpolation", choices=["auto", "nearest", "linear"], default="")
-    pl.add_argument("--device", default="auto", help="device whose memory sets the budget")
+    add_config_options(pl, "plan options (the same as train's; what is given overrides the plan)",
+                       only=PLAN_INPUT_FIELDS)
     pl.add_argument("--preprocess", action="store_true", help="also preprocess every case twice (timing, cache size)")
-    pl.add_argument("--cache-dir", default="", help="preprocessing cache (default $SEMISEG_CACHE or ~/.cache/semiseg)")
-    pl.add_argument("--class-map", default="", help="match classes across label files, as train's --class-map")
     sub.add_parser("methods", help="list the methods and their hyper-parameters")
     sub.add_parser("presets", help="list the dataset recipes")
     r = sub.add_parser("run", help="run a job folder (the Slicer module's protocol)")

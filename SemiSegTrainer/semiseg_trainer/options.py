@@ -32,11 +32,12 @@ def _add_field(group, f: dataclasses.Field, dest: str, default_text: str) -> Non
     group.add_argument(flag, **kw)
 
 
-def add_config_options(parser: argparse.ArgumentParser, title: str, skip: tuple[str, ...] = ()) -> None:
-    """One option per ``TrainConfig`` field (except ``skip``), in a group called ``title``."""
+def add_config_options(parser: argparse.ArgumentParser, title: str, skip: tuple[str, ...] = (),
+                       only: tuple[str, ...] = ()) -> None:
+    """One option per ``TrainConfig`` field (``only`` these if given, except ``skip``), in a group ``title``."""
     g = parser.add_argument_group(title)
     for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
+        if f.name in skip or (only and f.name not in only):
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         _add_field(g, f, f.name, "preset" if default in (0, "", ()) else f"default {default}")

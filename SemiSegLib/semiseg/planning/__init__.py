@@ -24,11 +24,15 @@ def plan_applies(cfg) -> bool:
     return cfg.data.split(":", 1)[0] not in BENCHMARK_KINDS
 
 
+# TrainConfig fields that override a plan's decisions, and those the planning step reads besides them
+PLAN_OVERRIDE_FIELDS = ("dim", "target_spacing", "modality", "patch_size", "labeled_batch", "unlabeled_batch",
+                        "network", "image_interpolation", "label_interpolation")
+PLAN_INPUT_FIELDS = PLAN_OVERRIDE_FIELDS + ("labeled", "class_map", "device", "memory_budget_gb", "cache_dir")
+
+
 def plan_overrides(values: dict) -> dict:
     """The plan-relevant options the user set explicitly (config file or command line)."""
-    keys = ("dim", "target_spacing", "modality", "patch_size", "labeled_batch", "unlabeled_batch", "network",
-            "image_interpolation", "label_interpolation")
-    return {k: values[k] for k in keys if k in values}
+    return {k: values[k] for k in PLAN_OVERRIDE_FIELDS if k in values}
 
 
 def plan_training(explicit: dict, file_values: dict | None = None, out_dir: str | Path | None = None,
