@@ -288,3 +288,25 @@ def test_semi_supervised_beats_supervised_on_each_phantom(tmp_path, data, patch,
         cfg, planned, _ = plan_training(explicit, {}, tmp_path / method)
         dice[method] = Trainer(cfg, tmp_path / method, data=planned).run()["best_val_dice"]
     assert dice["mean_teacher"] > dice["supervised"] + 0.01, dice
+
+
+def test_final_scores_of_a_planned_run_are_on_the_original_grid(iso_dataset, tmp_path):
+    """metrics.json scores each validation case as `semiseg segment` would predict it: on its own grid (case 2
+    is 2x finer than the plan's grid), not on the preprocessed copy the loop trains and validates on."""
+    from semiseg.data.io import read_volume
+    from semiseg_trainer.cli import main
+    run = tmp_path / "run"
+    assert main(["--json", "train", "--data", str(iso_dataset), "--labeled", "1", "--method", "supervised",
+                 "--out", str(run), "--iterations", "3", "--patch-size", "32", "32", "16", "--labeled-batch", "1",
+                 "--threads", "1", "--val-every", "0", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]) == 0
+    detail = json.loads((run / "metrics.json").read_text())["val"]["cases_detail"]
+    assert sorted(detail) == ["case1", "case2"]
+    seg = Segmenter(run / "best.pt", torch.device("cpu"))
+    for case in ("case1", "case2"):
+        pred = seg.predict_on_grid(read_volume(iso_dataset / f"{case}.nrrd"))
+        ref, _ = read_label(iso_dataset / f"{case}_label.nrrd")
+        assert pred.shape == ref.array.shape
+        for c in seg.classes:
+            p, r = pred == c.value, ref.array == c.value
+            hand = 2 * (p & r).sum() / (p.sum() + r.sum())
+            assert detail[case][c.name]["dice"] == pytest.approx(hand, abs=1e-9), (case, c.name)

@@ -38,12 +38,10 @@ class Segmenter:
         plan = self.meta.get("plan")
         if not plan:
             return self.predict_array(vol.array)
-        from .planning import preprocess_image, restore_label
+        from .planning import predict_on_original_grid
         if not np.isfinite(vol.array).all():
             raise SemiSegError("input image contains NaN or infinite values")
-        pre = preprocess_image(vol, plan)
-        pred = self.predict_array(pre.array)
-        return restore_label(pred, pre.geometry, vol.geometry, vol.array.shape)
+        return predict_on_original_grid(vol, plan, self.predict_array)
 
     def segment_file(self, path: str | Path, out_dir: str | Path) -> dict:
         path, out_dir = Path(path), Path(out_dir)

@@ -35,6 +35,7 @@ class CaseRef:
     label_loader: Callable[[], Volume] | None = None
     sources: tuple[str, ...] = ()  # files the case is read from (keys the preprocessing cache); () = in memory
     label_key: str = ""  # what besides the files changes the loaded label (the class matching): a cache key part
+    original: "CaseRef | None" = None  # a planned (preprocessed) case: the case as it came, for final scoring
 
     @property
     def has_label(self) -> bool:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .fingerprint import Fingerprint, fingerprint_splits
 from .plan import Plan, make_plan
-from .preprocess import Preprocessor, apply_plan, preprocess_all, preprocess_image, restore_label
+from .preprocess import (Preprocessor, apply_plan, predict_on_original_grid, preprocess_all, preprocess_image,
+                         restore_label)
 
 __all__ = ["Fingerprint", "Plan", "Preprocessor", "apply_plan", "fingerprint_splits", "make_plan", "plan_applies",
            "plan_overrides", "plan_training", "preprocess_all", "preprocess_image", "restore_label"]

@@ -101,6 +101,13 @@ def preprocess_label(volume: Volume, plan) -> Volume:
     return Volume(resample_label(arr, g, tg, tshape, mode), tg, volume.name)
 
 
+def predict_on_original_grid(volume: Volume, plan, predict_array) -> np.ndarray:
+    """Labels on ``volume``'s own grid: preprocessed as in training, ``predict_array(array)`` on the plan
+    grid, restored with :func:`restore_label` (``semiseg segment`` and the final scores of planned runs)."""
+    pre = preprocess_image(volume, plan)
+    return restore_label(predict_array(pre.array), pre.geometry, volume.geometry, volume.array.shape)
+
+
 def restore_label(labels: np.ndarray, plan_geometry: Geometry, original: Geometry, original_shape) -> np.ndarray:
     """A prediction on the plan grid mapped back onto the original grid (exact spacing, origin, direction,
     size) by one-hot linear resampling; the result is in the original array's axis order."""
@@ -177,7 +184,7 @@ class Preprocessor:
     def wrap(self, ref: CaseRef) -> CaseRef:
         return CaseRef(ref.name, lambda: self.get(ref, "image"),
                        (lambda: self.get(ref, "label")) if ref.label_loader is not None else None, ref.sources,
-                       ref.label_key)
+                       ref.label_key, original=ref)
 
     def cache_size_bytes(self) -> int:
         folder = self.cache_dir / self.plan_key
