@@ -310,3 +310,41 @@ def test_final_scores_of_a_planned_run_are_on_the_original_grid(iso_dataset, tmp
             p, r = pred == c.value, ref.array == c.value
             hand = 2 * (p & r).sum() / (p.sum() + r.sum())
             assert detail[case][c.name]["dice"] == pytest.approx(hand, abs=1e-9), (case, c.name)
+
+
+def test_benchmark_and_bench_plan_a_users_folder_like_train(iso_dataset, tmp_path):
+    """`semiseg benchmark` trains each grid run planned (plan.json in the run folder; its patch in the
+    config), a second call finds the runs finished instead of "trained with a different configuration";
+    `semiseg bench` measures the planned configuration."""
+    from semiseg_trainer.cli import main
+    common = ["--iterations", "2", "--labeled-batch", "1", "--threads", "1", "--device", "cpu",
+              "--cache-dir", str(tmp_path / "cache"), "--memory-budget-gb", "0.05"]
+    argv = ["--json", "benchmark", "--data", str(iso_dataset), "--methods", "supervised", "--labeled", "2",
+            "--seeds", "1", "--no-plots", "--val-every", "0", "--out", str(tmp_path / "b"), *common]
+    assert main(argv) == 0
+    run = tmp_path / "b" / "runs" / "supervised-L2-s1337"
+    plan = json.loads((run / "plan.json").read_text())
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["patch_size"] == plan["patch_size"] and cfg["dim"] == plan["dim"] == 3
+    first = (run / "metrics.json").stat().st_mtime_ns
+    assert main(argv) == 0 and (run / "metrics.json").stat().st_mtime_ns == first  # done, not retrained
+    assert main(["--json", "bench", "--data", str(iso_dataset), "--method", "supervised", "--labeled", "2",
+                 "--iterations", "1", "--warmup", "0", "--inference-volumes", "1", "--out", str(tmp_path / "b.json"),
+                 *common]) == 0
+    row = json.loads((tmp_path / "b.json").read_text())["results"][0]
+    assert row["patch_size"] == plan["patch_size"]
+
+
+def test_plan_and_config_keep_two_values_per_channel_at_the_bottleneck():
+    """A 16^3 patch with batch 1 leaves a 1x1x1 bottleneck where BatchNorm cannot train (a raw torch
+    ValueError mid-run, before this rule): the planner never shrinks to it, the configuration refuses it."""
+    from semiseg.config import resolve_config
+    from semiseg.errors import SemiSegError
+    from semiseg.planning.plan import fit_patch
+    for start, batch in (([32, 16, 16], 1), ([16, 16, 16], 2), ([48, 32, 16], 2)):
+        patch, b, _ = fit_patch(3, "vnet", start, batch, 1e-6, fixed_batch=batch == 1)
+        assert b * math.prod(p // 16 for p in patch) >= 2, (start, batch, patch, b)
+    assert fit_patch(3, "vnet", [16, 16, 16], 2, 1e-6)[:2] == ([16, 16, 16], 2)  # batch 2 is the floor there
+    with pytest.raises(SemiSegError, match="bottleneck"):
+        resolve_config({"data": "la:/x", "method": "supervised", "patch_size": (16, 16, 16), "labeled_batch": 1})
+    resolve_config({"data": "la:/x", "method": "supervised", "patch_size": (32, 16, 16), "labeled_batch": 1})

@@ -162,10 +162,10 @@ def _comparable(cfg: dict) -> dict:
 def run_state(spec: RunSpec) -> str:
     """``done`` (metrics.json), ``resume`` (last.pt, no metrics.json) or ``new``; a folder trained with
     another configuration is an error."""
-    from .config import resolve_config
+    from .planning import run_config
     d = spec.dir
     if (d / "config.json").is_file() and ((d / "metrics.json").is_file() or (d / "last.pt").is_file()):
-        want = _comparable(resolve_config(spec.explicit).to_dict())
+        want = _comparable(run_config(spec.explicit, d).to_dict())
         have = _comparable(json.loads((d / "config.json").read_text()))
         if have.get("selection") == "final" and want.get("selection") == "val":
             have["selection"] = "val"  # the loop falls back to final when there is no validation split
@@ -249,11 +249,17 @@ def run_grid(specs: list[RunSpec], on_event: EventHandler | None = None, should_
     return [s.dir for s in specs]
 
 
-def _run_here(spec: RunSpec, resume: bool, emit: EventHandler, stop: Callable[[], bool]) -> None:
-    from .config import resolve_config
+def _train_run(explicit: dict, run_dir: Path, resume: bool, on_event, should_stop) -> None:
+    """One grid run, planned like `semiseg train` (users' folders get a plan.json; benchmark data keep
+    their recipes)."""
+    from .planning import plan_training
     from .train.loop import Trainer
-    cfg = resolve_config(spec.explicit)
-    Trainer(cfg, spec.dir, on_event=lambda e: emit({**e, "run": spec.name}), should_stop=stop).run(resume=resume)
+    cfg, data, _ = plan_training(explicit, None, run_dir, resume)
+    Trainer(cfg, run_dir, data=data, on_event=on_event, should_stop=should_stop).run(resume=resume)
+
+
+def _run_here(spec: RunSpec, resume: bool, emit: EventHandler, stop: Callable[[], bool]) -> None:
+    _train_run(spec.explicit, spec.dir, resume, lambda e: emit({**e, "run": spec.name}), stop)
 
 
 def _child_env() -> dict:
@@ -334,11 +340,8 @@ def _child_main(argv: list[str]) -> int:
         sys.stdout.flush()
 
     try:
-        from .config import resolve_config
-        from .train.loop import Trainer
         rec = json.loads((run_dir / RUN_FILE).read_text())
-        cfg = resolve_config(rec["explicit"])
-        Trainer(cfg, run_dir, on_event=out, should_stop=lambda: flag["stop"]).run(resume=resume)
+        _train_run(rec["explicit"], run_dir, resume, out, lambda: flag["stop"])
         return 0
     except CancelledError as e:
         print(f"semiseg: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,10 @@ def validate(cfg: TrainConfig) -> None:
         raise SemiSegError("iterations must be at least 1")
     if cfg.labeled_batch < 1:
         raise SemiSegError("labeled_batch must be at least 1")
+    if cfg.labeled_batch * math.prod(p // 16 for p in cfg.patch_size) < 2:
+        raise SemiSegError(f"patch size {tuple(cfg.patch_size)} with a labeled batch of {cfg.labeled_batch} leaves one "
+                           "value per channel at the network's 1/16 bottleneck, where BatchNorm cannot train: use a "
+                           "labeled batch of 2 or a patch of 32 on one axis")
     if not 0.0 <= cfg.foreground_share <= 1.0:
         raise SemiSegError(f"foreground_share must be in [0, 1], not {cfg.foreground_share}")
     if cfg.prefetch < 0:

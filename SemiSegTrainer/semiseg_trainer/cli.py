@@ -486,6 +486,7 @@ def cmd_bench(ns, reporter) -> int:
     from semiseg.config import resolve_config
     from semiseg.data.datasets import load_dataset
     from semiseg.errors import SemiSegError
+    from semiseg.planning import plan_training
     methods = [m for m in ns.method.replace(" ", "").split(",") if m]
     if not methods:
         raise SemiSegError("--method is empty")
@@ -495,12 +496,16 @@ def cmd_bench(ns, reporter) -> int:
     for k in ("data", "method", "method_options"):
         common.pop(k, None)
     sets = parse_method_sets(ns.set, methods)
-    rows, data = [], None
+    rows, raw = [], None
     for m in methods:
-        cfg = resolve_config({**common, "data": ns.data, "method": m,
-                              **({"method_options": sets[m]} if m in sets else {})})
-        if data is None:  # the same cases for every method: loaded once
-            data = load_dataset(cfg.data, cfg.labeled, cfg.val_split or None, cfg.test_split or None, cfg.dim)
+        explicit = {**common, "data": ns.data, "method": m, **({"method_options": sets[m]} if m in sets else {})}
+        cfg = resolve_config(explicit)
+        if raw is None:  # the same cases for every method: loaded once
+            raw = load_dataset(cfg.data, cfg.labeled, cfg.val_split or None, cfg.test_split or None,
+                               explicit.get("dim") or None, class_map=cfg.class_map)
+        # users' folders are planned as `semiseg train` plans them (no plan.json written)
+        cfg, planned, _ = plan_training(explicit, None, None, False, data=raw)
+        data = planned if planned is not None else raw
         if not reporter.json:
             print(f"bench {m}: {ns.warmup} warm-up + {ns.bench_iterations} measured iterations ...", flush=True)
         rows.append(bench_method(cfg, ns.warmup, ns.bench_iterations, ns.inference_volumes, ns.offset, data=data,

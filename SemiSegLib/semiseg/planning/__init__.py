@@ -36,6 +36,17 @@ def plan_overrides(values: dict) -> dict:
     return {k: values[k] for k in PLAN_OVERRIDE_FIELDS if k in values}
 
 
+def run_config(explicit: dict, out_dir: str | Path):
+    """The configuration a run folder was (or will be) trained with: the explicit layer, plus the plan
+    layer of its ``plan.json`` when planning applies and the folder has one (benchmark resume checks)."""
+    from ..config import resolve_config
+    cfg = resolve_config(explicit)
+    saved = Path(out_dir) / "plan.json"
+    if plan_applies(cfg) and cfg.plan in ("auto", "") and saved.is_file():
+        cfg = resolve_config(explicit, None, Plan.load(saved).config_values())
+    return cfg
+
+
 def plan_training(explicit: dict, file_values: dict | None = None, out_dir: str | Path | None = None,
                   resume: bool = False, on_plan=None, data=None):
     """Resolve the configuration with a plan layer when planning applies.

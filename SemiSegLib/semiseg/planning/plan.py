@@ -230,13 +230,15 @@ def fit_patch(dim: int, network: str, start_patch, start_batch: int, budget_gb: 
         axes = [int(np.argmax(patch))] if dim == 3 else list(range(len(patch)))
         if any(patch[a] - SIZE_DIVISOR < floor for a in axes):
             return False
-        for a in axes:
-            patch[a] -= SIZE_DIVISOR
+        smaller = [p - SIZE_DIVISOR if a in axes else p for a, p in enumerate(patch)]
+        if batch * math.prod(p // SIZE_DIVISOR for p in smaller) < 2:
+            return False  # BatchNorm in train mode needs 2 values per channel at the 1/16 bottleneck
+        patch[:] = smaller
         return True
 
     def shrink_batch(floor: int) -> bool:
         nonlocal batch
-        if fixed_batch or batch - 1 < floor:
+        if fixed_batch or batch - 1 < floor or (batch - 1) * math.prod(p // SIZE_DIVISOR for p in patch) < 2:
             return False
         batch -= 1
         return True
@@ -338,6 +340,8 @@ def make_plan(fp: Fingerprint, device: str = "auto", memory_budget_gb: float = 0
         if plan.dim == 2:  # every slice is resized to one square size (SSL4MIS 256x256): rot90 needs it
             start = [max(start)] * 2
     batch0 = int(ov.get("labeled_batch", DEFAULT_BATCH[plan.dim]))
+    if "patch_size" not in ov and batch0 * math.prod(p // SIZE_DIVISOR for p in start) < 2:
+        start[int(np.argmax(start))] += SIZE_DIVISOR  # BatchNorm needs 2 values per channel at the bottleneck
     budget, source = memory_budget(device, memory_budget_gb)
     patch, batch, est = fit_patch(plan.dim, plan.network, start, batch0, budget, ncls,
                                   fixed_patch="patch_size" in ov, fixed_batch="labeled_batch" in ov)
