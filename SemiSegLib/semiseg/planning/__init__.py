@@ -9,8 +9,9 @@ from .plan import Plan, make_plan
 from .preprocess import (Preprocessor, apply_plan, predict_on_original_grid, preprocess_all, preprocess_image,
                          restore_label)
 
-__all__ = ["Fingerprint", "Plan", "Preprocessor", "apply_plan", "fingerprint_splits", "make_plan", "plan_applies",
-           "plan_overrides", "plan_training", "preprocess_all", "preprocess_image", "restore_label"]
+__all__ = ["PLAN_INPUT_FIELDS", "PLAN_OVERRIDE_FIELDS", "Fingerprint", "Plan", "Preprocessor", "apply_plan",
+           "fingerprint_splits", "make_plan", "plan_applies", "plan_overrides", "plan_training", "predict_on_original_grid",
+           "preprocess_all", "preprocess_image", "restore_label", "run_config"]
 
 BENCHMARK_KINDS = ("acdc", "la", "phantom")  # literature behaviour: plan=auto leaves them as they are
 
