@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -196,6 +195,7 @@ def matched_supervised_explicit(explicit: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(cfg: TrainConfig) -> None:
+    from .networks import bottleneck_values
     if cfg.dim not in (2, 3):
         raise SemiSegError(f"dim must be 2 or 3, not {cfg.dim}")
     if len(cfg.patch_size) != cfg.dim:
@@ -211,7 +211,7 @@ def validate(cfg: TrainConfig) -> None:
         raise SemiSegError("iterations must be at least 1")
     if cfg.labeled_batch < 1:
         raise SemiSegError("labeled_batch must be at least 1")
-    if cfg.labeled_batch * math.prod(p // 16 for p in cfg.patch_size) < 2:
+    if bottleneck_values(cfg.patch_size, cfg.labeled_batch) < 2:
         raise SemiSegError(f"patch size {tuple(cfg.patch_size)} with a labeled batch of {cfg.labeled_batch} leaves one "
                            "value per channel at the network's 1/16 bottleneck, where BatchNorm cannot train: use a "
                            "labeled batch of 2 or a patch of 32 on one axis")
@@ -219,10 +219,11 @@ def validate(cfg: TrainConfig) -> None:
         raise SemiSegError(f"foreground_share must be in [0, 1], not {cfg.foreground_share}")
     if cfg.prefetch < 0:
         raise SemiSegError("prefetch must be 0 (off) or a positive number of batches")
-    if cfg.data_on_device not in ("auto", "on", "off"):
-        raise SemiSegError(f"data_on_device must be auto, on or off, not '{cfg.data_on_device}'")
-    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise SemiSegError(f"precision must be auto, fp32, bf16 or fp16, not '{cfg.precision}'")
+    for f in fields(cfg):  # the choices the fields declare (argparse checks them; a config file does not)
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            shown = ", ".join(c for c in choices if c)
+            raise SemiSegError(f"{f.name} must be one of {shown}, not '{getattr(cfg, f.name)}'")
     if cfg.selection not in ("final", "val", "test"):
         raise SemiSegError(f"selection must be final, val or test, not '{cfg.selection}'")
 

@@ -6,6 +6,7 @@ exposes ``encode`` / ``decode`` so methods can tap or perturb features:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,6 +16,12 @@ from torch import nn
 from ..errors import SemiSegError
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {}
+SIZE_DIVISOR = 16  # unet and vnet downsample 4 times: training sizes are multiples of 16
+
+
+def bottleneck_values(patch, batch: int) -> int:
+    """Values per channel at the 1/16 bottleneck for ``batch`` patches; BatchNorm in train mode needs 2."""
+    return batch * math.prod(p // SIZE_DIVISOR for p in patch)
 
 
 def register_network(name: str):

@@ -34,11 +34,11 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import SemiSegError
+from ..networks import SIZE_DIVISOR, bottleneck_values
 from .fingerprint import Fingerprint
 
 PLAN_VERSION = 1
-DOWNSAMPLINGS = 4           # unet and vnet: 4 poolings
-SIZE_DIVISOR = 2 ** DOWNSAMPLINGS
+DOWNSAMPLINGS = 4           # unet and vnet: 4 poolings (networks.SIZE_DIVISOR = 2 ** 4)
 ANISOTROPY_RATIO = 3.0      # coarsest / finest median spacing above which training is 2D
 GPU_SAFETY = 0.75           # share of a GPU's total memory the plan may use
 DEFAULT_BUDGET_GB = 8.0     # CPU or unknown device
@@ -231,14 +231,14 @@ def fit_patch(dim: int, network: str, start_patch, start_batch: int, budget_gb: 
         if any(patch[a] - SIZE_DIVISOR < floor for a in axes):
             return False
         smaller = [p - SIZE_DIVISOR if a in axes else p for a, p in enumerate(patch)]
-        if batch * math.prod(p // SIZE_DIVISOR for p in smaller) < 2:
-            return False  # BatchNorm in train mode needs 2 values per channel at the 1/16 bottleneck
+        if bottleneck_values(smaller, batch) < 2:
+            return False
         patch[:] = smaller
         return True
 
     def shrink_batch(floor: int) -> bool:
         nonlocal batch
-        if fixed_batch or batch - 1 < floor or (batch - 1) * math.prod(p // SIZE_DIVISOR for p in patch) < 2:
+        if fixed_batch or batch - 1 < floor or bottleneck_values(patch, batch - 1) < 2:
             return False
         batch -= 1
         return True
@@ -340,8 +340,8 @@ def make_plan(fp: Fingerprint, device: str = "auto", memory_budget_gb: float = 0
         if plan.dim == 2:  # every slice is resized to one square size (SSL4MIS 256x256): rot90 needs it
             start = [max(start)] * 2
     batch0 = int(ov.get("labeled_batch", DEFAULT_BATCH[plan.dim]))
-    if "patch_size" not in ov and batch0 * math.prod(p // SIZE_DIVISOR for p in start) < 2:
-        start[int(np.argmax(start))] += SIZE_DIVISOR  # BatchNorm needs 2 values per channel at the bottleneck
+    if "patch_size" not in ov and bottleneck_values(start, batch0) < 2:
+        start[int(np.argmax(start))] += SIZE_DIVISOR
     budget, source = memory_budget(device, memory_budget_gb)
     patch, batch, est = fit_patch(plan.dim, plan.network, start, batch0, budget, ncls,
                                   fixed_patch="patch_size" in ov, fixed_batch="labeled_batch" in ov)
