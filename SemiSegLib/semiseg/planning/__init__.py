@@ -10,8 +10,8 @@ from .preprocess import (Preprocessor, apply_plan, predict_on_original_grid, pre
                          restore_label)
 
 __all__ = ["PLAN_INPUT_FIELDS", "PLAN_OVERRIDE_FIELDS", "Fingerprint", "Plan", "Preprocessor", "apply_plan",
-           "fingerprint_splits", "make_plan", "plan_applies", "plan_overrides", "plan_training", "predict_on_original_grid",
-           "preprocess_all", "preprocess_image", "restore_label", "run_config"]
+           "existing_plan", "fingerprint_splits", "make_plan", "plan_applies", "plan_overrides", "plan_training",
+           "predict_on_original_grid", "preprocess_all", "preprocess_image", "restore_label", "run_config"]
 
 BENCHMARK_KINDS = ("acdc", "la", "phantom")  # literature behaviour: plan=auto leaves them as they are
 
@@ -37,15 +37,23 @@ def plan_overrides(values: dict) -> dict:
     return {k: values[k] for k in PLAN_OVERRIDE_FIELDS if k in values}
 
 
+def existing_plan(cfg, saved: Path | None) -> Plan | None:
+    """The plan a run uses without planning again: ``--plan PATH``, else the run folder's ``saved``
+    plan.json when there is one (a resumed run), else None."""
+    if cfg.plan not in ("auto", ""):
+        return Plan.load(cfg.plan)
+    if saved is not None and saved.is_file():
+        return Plan.load(saved)
+    return None
+
+
 def run_config(explicit: dict, out_dir: str | Path):
-    """The configuration a run folder was (or will be) trained with: the explicit layer, plus the plan
-    layer of its ``plan.json`` when planning applies and the folder has one (benchmark resume checks)."""
+    """The configuration a run folder was (or will be) trained with: the explicit layer, plus the layer of
+    the plan it uses when planning applies and that plan exists (benchmark resume checks)."""
     from ..config import resolve_config
     cfg = resolve_config(explicit)
-    saved = Path(out_dir) / "plan.json"
-    if plan_applies(cfg) and cfg.plan in ("auto", "") and saved.is_file():
-        cfg = resolve_config(explicit, None, Plan.load(saved).config_values())
-    return cfg
+    plan = existing_plan(cfg, Path(out_dir) / "plan.json") if plan_applies(cfg) else None
+    return resolve_config(explicit, None, plan.config_values()) if plan is not None else cfg
 
 
 def plan_training(explicit: dict, file_values: dict | None = None, out_dir: str | Path | None = None,
@@ -68,11 +76,8 @@ def plan_training(explicit: dict, file_values: dict | None = None, out_dir: str 
     data = data if data is not None else load_dataset(cfg0.data, cfg0.labeled, cfg0.val_split or None, cfg0.test_split or None,
                         given.get("dim") or None, class_map=cfg0.class_map)
     saved = Path(out_dir) / "plan.json" if out_dir else None
-    if cfg0.plan not in ("auto", ""):
-        plan = Plan.load(cfg0.plan)
-    elif resume and saved is not None and saved.is_file():
-        plan = Plan.load(saved)
-    else:
+    plan = existing_plan(cfg0, saved if resume else None)
+    if plan is None:
         fp = fingerprint_splits(data, cfg0.data)
         plan = make_plan(fp, cfg0.device, cfg0.memory_budget_gb, plan_overrides(given))
     cfg = resolve_config(explicit, file_values, plan.config_values())
