@@ -310,6 +310,10 @@ def test_final_scores_of_a_planned_run_are_on_the_original_grid(iso_dataset, tmp
             p, r = pred == c.value, ref.array == c.value
             hand = 2 * (p & r).sum() / (p.sum() + r.sum())
             assert detail[case][c.name]["dice"] == pytest.approx(hand, abs=1e-9), (case, c.name)
+    # `semiseg evaluate` on the same files scores the same way
+    assert main(["--json", "evaluate", "--model", str(run / "best.pt"), "--data", str(iso_dataset), "--labeled", "1",
+                 "--split", "val", "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "evaluate_val.json").read_text())["cases_detail"] == detail
 
 
 def test_benchmark_and_bench_plan_a_users_folder_like_train(iso_dataset, tmp_path):

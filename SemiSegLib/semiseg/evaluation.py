@@ -26,21 +26,23 @@ class CaseResult:
 def evaluate_cases(net: torch.nn.Module, refs: list[CaseRef], meta: dict, full: bool = True,
                    empty: str = "zero", lcc: bool | None = None, half: bool = True) -> list[CaseResult]:
     """Predict every case and score it. ``full=False`` computes Dice only (fast, for validation), on the
-    grid the case is given on; ``full=True`` scores a planned case (``ref.original``) on its original grid,
-    predicted as ``semiseg segment`` would (preprocessed, predicted, resampled back)."""
+    grid the case is given on; ``full=True`` with a planned model scores each case on its original grid
+    (``ref.original`` for a preprocessed case), predicted as ``semiseg segment`` would (preprocessed,
+    predicted, resampled back)."""
     results = []
     was_training = net.training
     net.eval()
     try:
         for ref in refs:
-            if full and meta.get("plan") and ref.original is not None:
+            on_original_grid = full and meta.get("plan")
+            if on_original_grid:
+                ref = ref.original or ref  # a preprocessed case (planning.apply_plan) -> the case as it came
+            image, label = ref.image(), ref.label()
+            if on_original_grid:
                 from .planning import predict_on_original_grid
-                ref = ref.original
-                image, label = ref.image(), ref.label()
                 pred = predict_on_original_grid(image, meta["plan"],
                                                 lambda a: predict_volume(net, a, meta, lcc=lcc, half=half))
             else:
-                image, label = ref.image(), ref.label()
                 pred = predict_volume(net, image.array, meta, lcc=lcc, half=half)
             per_class = {}
             values = [c["value"] for c in meta["classes"]]

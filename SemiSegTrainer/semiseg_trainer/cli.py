@@ -17,7 +17,7 @@ from . import protocol
 from .console import Reporter
 from semiseg.planning import PLAN_INPUT_FIELDS
 
-from .options import METHOD_PREFIX, add_config_options, add_train_options, describe_presets, split_args
+from .options import add_config_options, add_train_options, describe_presets, split_args
 
 
 class StopFlag:
@@ -158,9 +158,6 @@ def cmd_evaluate(ns, reporter) -> int:
     # the class matching the model was trained with (its --class-map) applies to the evaluated files too
     data = load_dataset(ns.data, ns.labeled or None, ns.val_split, ns.test_split, meta["dim"],
                         class_map=ckpt.get("config", {}).get("class_map", ""))
-    if meta.get("plan"):  # a planned model: cases preprocessed as in training (scored on the plan's grid)
-        from semiseg.planning import apply_plan
-        data, _ = apply_plan(data, meta["plan"])
     refs = {"val": data.val, "test": data.test}[ns.split]
     if not refs:
         raise SemiSegError(f"{ns.data} has no '{ns.split}' cases (give --{ns.split}-split PATH)")
