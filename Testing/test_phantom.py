@@ -6,6 +6,8 @@ from scipy import ndimage
 
 from semiseg.data.io import check_same_grid, read_label, read_volume
 from semiseg.data.phantom import PHANTOM_CLASSES, make_phantom_case, make_phantom_dataset, write_phantom_dataset
+from semiseg.data.phantom_ct import (CT_PHANTOM_CLASSES, DEFAULT_CT_DIRECTION, make_ct_phantom_case,
+                                    write_ct_phantom_dataset)
 
 RV, MYO, LV = 1, 2, 3
 
@@ -125,17 +127,24 @@ def test_threshold_cannot_segment_myocardium(cases):
         assert best_window_dice(a[box], myo[box]) < 0.65
 
 
-def test_write_phantom_dataset(tmp_path):
-    pairs = write_phantom_dataset(tmp_path / "phantom", 3, seed=2)
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("write,make,classes,prefix,direction,n,seed", [
+    (write_phantom_dataset, make_phantom_case, PHANTOM_CLASSES, "case", IDENTITY, 3, 2),
+    (write_ct_phantom_dataset, make_ct_phantom_case, CT_PHANTOM_CLASSES, "ct", DEFAULT_CT_DIRECTION, 2, 5)])
+def test_written_phantom_reads_back_voxel_for_voxel(tmp_path, write, make, classes, prefix, direction, n, seed):
+    """Both phantoms' writers (one shared write_generated_cases): NRRD + .seg.nrrd read back exactly."""
+    pairs = write(tmp_path / prefix, n, seed=seed)
     assert [(p.rsplit("/", 1)[1], q.rsplit("/", 1)[1]) for p, q in pairs] == [
-        (f"case_{i:03d}.nrrd", f"case_{i:03d}.seg.nrrd") for i in range(3)]
+        (f"{prefix}_{i:03d}.nrrd", f"{prefix}_{i:03d}.seg.nrrd") for i in range(n)]
     for i, (image_path, label_path) in enumerate(pairs):
-        img, lab = make_phantom_case(i, seed=2)
+        img, lab = make(i, seed=seed)
         image = read_volume(image_path)
-        label, classes = read_label(label_path)
+        label, read_classes = read_label(label_path)
         np.testing.assert_array_equal(image.array, img.array)
         np.testing.assert_array_equal(label.array, lab.array)
-        assert image.geometry.matches(img.geometry)
+        assert image.geometry.matches(img.geometry) and label.geometry.matches(img.geometry)
+        assert np.allclose(image.geometry.direction, direction)
         check_same_grid(image, label, image_path, label_path)
-        assert [(c.value, c.name) for c in classes] == [(c.value, c.name) for c in PHANTOM_CLASSES]
-        np.testing.assert_allclose([c.color for c in classes], [c.color for c in PHANTOM_CLASSES])
+        assert [(c.value, c.name) for c in read_classes] == [(c.value, c.name) for c in classes]

@@ -5,9 +5,8 @@ import pytest
 from scipy import ndimage
 
 from semiseg.data.datasets import load_dataset
-from semiseg.data.io import check_same_grid, read_label, read_volume
 from semiseg.data.phantom_ct import (CT_HU, CT_PHANTOM_CLASSES, DEFAULT_CT_DIRECTION, NOISE_HU,
-                                     make_ct_phantom_case, make_ct_phantom_dataset, write_ct_phantom_dataset)
+                                     make_ct_phantom_case, make_ct_phantom_dataset)
 
 LIVER, KIDNEY, LESION = 1, 2, 3
 
@@ -132,23 +131,6 @@ def test_other_direction_stores_the_same_anatomy_in_another_array_order():
         for c in (LIVER, KIDNEY, LESION):
             mask = lab2.array == c
             assert abs(np.median(a2[mask]) - np.median(a1[mask])) <= 5.0
-
-
-def test_write_read_round_trip(tmp_path):
-    pairs = write_ct_phantom_dataset(tmp_path / "ct", 2, seed=5)
-    assert [(p.rsplit("/", 1)[1], q.rsplit("/", 1)[1]) for p, q in pairs] == [
-        (f"ct_{i:03d}.nrrd", f"ct_{i:03d}.seg.nrrd") for i in range(2)]
-    for i, (image_path, label_path) in enumerate(pairs):
-        img, lab = make_ct_phantom_case(i, seed=5)
-        image = read_volume(image_path)
-        label, classes = read_label(label_path)
-        np.testing.assert_array_equal(image.array, img.array)
-        np.testing.assert_array_equal(label.array, lab.array)
-        assert image.geometry.matches(img.geometry) and label.geometry.matches(img.geometry)
-        assert np.allclose(image.geometry.direction, DEFAULT_CT_DIRECTION)
-        check_same_grid(image, label, image_path, label_path)
-        assert [(c.value, c.name) for c in classes] == [(c.value, c.name) for c in CT_PHANTOM_CLASSES]
-        np.testing.assert_allclose([c.color for c in classes], [c.color for c in CT_PHANTOM_CLASSES])
 
 
 def test_phantom_ct_dataset_spec():
