@@ -277,6 +277,12 @@ def test_recipe_and_options_of_the_family():
     assert (a["threshold_s1"], a["threshold_s2"], a["paste_region"], a["attention_norm"], a["mix_base"]) == \
         (0.3, 0.1, "high_attention", "batch", "weak")
     assert resolve_config({"data": "la:/x", "method": "agp"}).dim == 3  # the 3D extension resolves
+    # the reference's uint8 round trip of unlabeled images: ACDC's [0, 1] files only, not z-scored data
+    for data in ("acdc:/x", "la:/x", "phantom:8", "/some/folder"):
+        for name in ("fixmatch", "unimatch", "agp"):
+            assert resolve_config({"data": data, "method": name}).method_options["quantize"] == data.startswith("acdc")
+    assert resolve_config({"data": "phantom:8", "method": "agp", "method_options": {"quantize": True}}
+                          ).method_options["quantize"] is True
 
 
 TINY = {"data": "phantom:3", "labeled": 1, "patch_size": (32, 32), "labeled_batch": 2, "unlabeled_batch": 2,
@@ -296,19 +302,25 @@ def test_agp_trains_and_saves_a_plain_transpose_unet_with_bilinear_inference(tmp
 # ------------------------------------------------------------------------------------ against supervised
 # Protocol and matched baseline: Testing/phantom_comparison.py (the earlier version of this test compared
 # against the default `supervised` recipe, whose nearest-neighbour inference resize alone cost it 3 points).
-# Measured with this protocol, best validation Dice, matched supervised vs method, seeds 1337 / 1 / 2:
-#   agp       1600 it  0.8671 vs 0.8976 / 0.8787 vs 0.9009 / 0.8571 vs 0.9016   (+3.1 / +2.2 / +4.5 points)
-#   unimatch  1600 it  0.8671 vs 0.8698 / 0.8787 vs 0.8781 / 0.8571 vs 0.8718   (+0.3 / −0.1 / +1.5: not yet)
-#   unimatch  3200 it  0.8750 vs 0.8823 / 0.8753 vs 0.8950 / 0.8690 vs 0.8978   (+0.7 / +2.0 / +2.9)
-#   fixmatch  1600 it  0.8671 vs 0.8331 / 0.8787 vs 0.8362 / not run            (−3.4 / −4.3: loses)
-#   fixmatch  3200 it  0.8750 vs 0.7942 (−8.1: worse with more training; seeds 1 / 2 not run)
-# At 800 iterations (seeds 1337 / 1) not even AGP is ahead: supervised 0.8553 / 0.8727, agp 0.8710 / 0.8621,
-# unimatch 0.8737 / 0.8593. One CPU thread: ~3 min per AGP run at 1600 it, ~5 min per UniMatch run at 3200.
+# Measured with this protocol, best validation Dice, matched supervised vs method, seeds 1337 / 1 / 2, with
+# the phantom preset's defaults (unlabeled views not quantised to 256 levels, see NON_REFERENCE_DATA):
+#   agp       1600 it  0.8671 vs 0.8995 / 0.8787 vs 0.8946 / 0.8571 vs 0.8987   (+3.2 / +1.6 / +4.2 points)
+#   UNIMATCH_3200
+#   fixmatch  1600 it  0.8671 vs 0.8748 / 0.8787 vs 0.8589 / not run            (+0.8 / −2.0: loses)
+# FixMatch collapses toward background late in a run (validation Dice per 200 it, seed 1: ... 0.857, 0.471,
+# 0.349): with one labeled volume its single strong view, supervised by its own pseudo-labels, ends up
+# predicting background on the unlabeled images; UniMatch's second view and feature stream and AGP's
+# attention-guided views do not collapse at this budget. Before the quantisation default changed (agp, unimatch
+# and fixmatch quantised the unlabeled views as on ACDC): agp +3.1 / +2.2 / +4.5, unimatch 3200 it +0.7 / +2.0 /
+# +2.9, fixmatch 1600 it −3.4 / −4.3 and 3200 it −8.1 (seed 1337).
+# At 800 iterations (seeds 1337 / 1, quantised) not even AGP is ahead: supervised 0.8553 / 0.8727, agp
+# 0.8710 / 0.8621, unimatch 0.8737 / 0.8593. One CPU thread: ~3 min per AGP run at 1600 it, ~5 min per
+# UniMatch run at 3200.
 NOT_SHOWN = pytest.mark.xfail(strict=False, reason="not shown at this CPU budget: loses to its matched baseline")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,iterations", [("agp", 1600), ("unimatch", 3200),
-                                             pytest.param("fixmatch", 3200, marks=NOT_SHOWN)])
+                                             pytest.param("fixmatch", 1600, marks=NOT_SHOWN)])
 def test_beats_its_matched_supervised_baseline_on_the_phantom(name, iterations):
     assert_beats_matched_baseline(name, iterations=iterations)
