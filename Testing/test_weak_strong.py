@@ -305,7 +305,7 @@ def test_agp_trains_and_saves_a_plain_transpose_unet_with_bilinear_inference(tmp
 # Measured with this protocol, best validation Dice, matched supervised vs method, seeds 1337 / 1 / 2, with
 # the phantom preset's defaults (unlabeled views not quantised to 256 levels, see NON_REFERENCE_DATA):
 #   agp       1600 it  0.8671 vs 0.8995 / 0.8787 vs 0.8946 / 0.8571 vs 0.8987   (+3.2 / +1.6 / +4.2 points)
-#   UNIMATCH_3200
+#   unimatch  3200 it  0.8750 vs 0.8988 / 0.8753 vs 0.9060 / 0.8690 vs 0.8733   (+2.4 / +3.1 / +0.4)
 #   fixmatch  1600 it  0.8671 vs 0.8748 / 0.8787 vs 0.8589 / not run            (+0.8 / −2.0: loses)
 # FixMatch collapses toward background late in a run (validation Dice per 200 it, seed 1: ... 0.857, 0.471,
 # 0.349): with one labeled volume its single strong view, supervised by its own pseudo-labels, ends up
