@@ -167,7 +167,7 @@ def matched_supervised(cfg: TrainConfig) -> TrainConfig:
     the 32x32 phantom by itself) and from SS-Net in the loss: a comparison would measure those."""
     from .methods import get_method
 
-    options = {"sup_loss": "half_ce_dice", "dice": "auto"}
+    options = dataclasses.asdict(get_method("supervised").default_options(cfg.preset, cfg.dim))
     options.update(get_method(cfg.method).baseline_supervised_loss(dict(cfg.method_options), cfg.dim))
     values = dataclasses.asdict(cfg)
     values.update(method="supervised", method_options=options)

@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ...config import PRESETS
 from ...losses import dice_loss_multiclass
 from ..base import Method
 from ..common import SupervisedOptions, labeled_loss
@@ -53,7 +54,7 @@ FAMILY_RECIPE: dict[str, dict] = {
 # On z-scored data it would be a per-image 256-level quantisation that labeled and validation images never
 # get. Measured on the phantom (FixMatch, 1 labeled volume, seed 1337, 1600 it): with it the model came to
 # predict background on the unlabeled images and ended at 0.20 validation Dice; without it, 0.78.
-NON_REFERENCE_DATA: dict[str, dict] = {p: {"quantize": False} for p in ("phantom", "la", "generic2d", "generic3d")}
+NON_REFERENCE_DATA: dict[str, dict] = {p: {"quantize": False} for p in PRESETS if p != "acdc"}
 
 
 def masked_dice(probs: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor, threshold: float) -> torch.Tensor:
