@@ -132,6 +132,16 @@ def test_plan_2d_for_acdc_like_spacing_3d_for_isotropic():
     assert p.dim == 3 and p.target_spacing == [1.5, 1.5, 5.0] and "dim" in p.overrides
 
 
+@pytest.mark.parametrize("spacing,axis_order", [((1.0, 1.0, 1.0), [0, 1, 2]),     # isotropic: stored slices
+                                                ((1.0, 1.0, 0.97), [0, 1, 2]),    # within 5 % of the coarsest
+                                                ((1.2, 1.0, 1.0), [1, 2, 0]),     # axis 0 clearly coarser
+                                                ((1.0, 5.0, 1.0), [0, 2, 1])])
+def test_2d_plan_slices_along_the_coarsest_axis_and_keeps_stored_slices_on_a_tie(spacing, axis_order):
+    plan = make_plan(fp_of(spacing, (64, 64, 64)), "cpu", 8.0, {"dim": 2})
+    assert plan.dim == 2 and plan.axis_order == axis_order
+    assert plan.target_spacing[axis_order[-1]] is None  # the slice axis keeps each case's own spacing
+
+
 @pytest.mark.parametrize("dim,spacing,shape", [(3, (1.0, 1.0, 1.0), (150, 150, 140)), (2, (1.0, 1.0, 8.0), (400, 400, 9))])
 def test_patch_and_batch_respect_memory_budget(dim, spacing, shape):
     fp = fp_of(spacing, shape)

@@ -40,6 +40,7 @@ from .fingerprint import Fingerprint
 PLAN_VERSION = 1
 DOWNSAMPLINGS = 4           # unet and vnet: 4 poolings (networks.SIZE_DIVISOR = 2 ** 4)
 ANISOTROPY_RATIO = 3.0      # coarsest / finest median spacing above which training is 2D
+SPACING_TIE_RTOL = 0.05     # spacings within 5 % of the coarsest count as tied when choosing the 2D slice axis
 GPU_SAFETY = 0.75           # share of a GPU's total memory the plan may use
 DEFAULT_BUDGET_GB = 8.0     # CPU or unknown device
 STEP_OVERHEAD = 1.5         # our rule of thumb for a semi-supervised step beyond the student's activations
@@ -256,6 +257,14 @@ def _median(values) -> list[float]:
     return [float(v) for v in np.median(np.asarray(values, dtype=float), axis=0)]
 
 
+def coarsest_axis(spacing, tie_rtol: float = SPACING_TIE_RTOL) -> int:
+    """The axis a 2D plan slices along: the coarsest spacing; the stored slice axis (2) when it is tied for
+    coarsest, e.g. isotropic scans trained slice-wise with ``--dim 2`` (otherwise ``argmax`` of equal
+    spacings would slice a CT along its first, left-right axis)."""
+    tied = [a for a in range(3) if spacing[a] >= max(spacing) * (1 - tie_rtol)]
+    return 2 if 2 in tied else tied[0]
+
+
 def make_plan(fp: Fingerprint, device: str = "auto", memory_budget_gb: float = 0.0,
               overrides: dict | None = None) -> Plan:
     """Decide a plan from a fingerprint. ``overrides`` may set dim, target_spacing, modality, patch_size,
@@ -308,7 +317,7 @@ def make_plan(fp: Fingerprint, device: str = "auto", memory_budget_gb: float = 0
         raise SemiSegError(f"dim must be 2 or 3, not {plan.dim}")
     slice_axis = 2
     if plan.dim == 2 and not all2d and plan.spacing_known:
-        slice_axis = int(np.argmax(med_sp))
+        slice_axis = coarsest_axis(med_sp)
     plan.axis_order = [a for a in range(3) if a != slice_axis] + [slice_axis]
 
     if "target_spacing" in ov:
