@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import tempfile
 
-from semiseg.config import matched_supervised, resolve_config
+from semiseg.config import matched_supervised
+from semiseg.planning import plan_training
 from semiseg.train.loop import Trainer
 
 SEEDS = (1337, 1, 2)
@@ -25,13 +26,15 @@ PROTOCOL = {"data": "phantom:8", "labeled": 1, "patch_size": (32, 32), "labeled_
 
 
 def method_and_baseline(method: str, seed: int, iterations: int, **explicit) -> tuple[float, float]:
-    """Best validation Dice of ``method`` and of its matched supervised baseline, same seed and budget."""
-    cfg = resolve_config(dict(PROTOCOL, method=method, seed=seed, iterations=iterations,
-                              val_every=max(100, iterations // 8), **explicit))
+    """Best validation Dice of ``method`` and of its matched supervised baseline, same seed and budget.
+    Data that is planned like a user's folder (``phantom_ct``) is planned once and shared by both runs."""
     dice = {}
-    for run in (cfg, matched_supervised(cfg)):
-        with tempfile.TemporaryDirectory() as d:
-            dice[run.method] = Trainer(run, d).run()["best_val_dice"]
+    with tempfile.TemporaryDirectory() as d:
+        cfg, planned, _ = plan_training(dict(PROTOCOL, method=method, seed=seed, iterations=iterations,
+                                             val_every=max(100, iterations // 8), cache_dir=f"{d}/cache",
+                                             **explicit), {}, f"{d}/plan")
+        for run in (cfg, matched_supervised(cfg)):
+            dice[run.method] = Trainer(run, f"{d}/{run.method}", data=planned).run()["best_val_dice"]
     return dice[method], dice["supervised"]
 
 

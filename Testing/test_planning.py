@@ -275,32 +275,28 @@ def test_cli_plan_train_segment_end_to_end(iso_dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------- both phantoms vs supervised
-# 4 labeled + 16 unlabeled volumes, the same budget and supervised loss (½(CE+Dice)) on both sides, planned
-# like any user dataset, deterministic, CPU. Measured (best validation Dice, supervised vs mean_teacher):
-#   MRI phantom, 48x48, batch 4+4, 300 it: seed 1337 0.8628 vs 0.8655, seed 1 0.8693 vs 0.8628
-#   CT phantom, 48^3, batch 2+2, 150 it (2 threads, ~8 min per run): seed 1337 0.3015 vs 0.3032
-#   MRI phantom, 1 labeled + 19 unlabeled, 48x48, 4+4, 2000 it: seed 1337 0.8383 vs 0.8619, seed 1 0.8472 vs 0.8457
-#   MRI phantom, 4 + 16, 32x32, 2+2, 1600 it, agp vs its matched baseline (Testing/phantom_comparison.py; agp
-#   beats it with 1 labeled volume): seed 1337 0.9231 vs 0.9155 -- with 4 labeled volumes the baseline is at 0.92;
-#   with the unlabeled views no longer quantised (the phantom preset's default since session 4): seeds 1337 / 1 / 2
-#   0.9231 vs 0.9159 / 0.8991 vs 0.9210 / 0.9075 vs 0.9136 (mean +0.7, one seed behind); unimatch seed 1337
-#   0.9231 vs 0.9165
-# i.e. a tie or a seed-dependent gain at CPU budgets: not shown yet (issue 7 open on this point).
+# 4 labeled + 16 unlabeled volumes, AGP against its matched supervised baseline (same network, resize, budget and
+# supervised loss) with the protocol of Testing/phantom_comparison.py: seeds 1337 / 1 / 2, one CPU thread,
+# deterministic, best validation Dice; "beats" = ahead on every seed and by more than 1 point on average.
+# Measured (matched supervised vs agp):
+#   MRI phantom, 32x32, 3200 it: 0.9223 vs 0.9251 / 0.9026 vs 0.9264 / 0.8950 vs 0.9239   (+0.3 / +2.4 / +2.9;
+#     ~7.5 min per pair). At 1600 it: 0.9231 vs 0.9159 / 0.8991 vs 0.9210 / 0.9075 vs 0.9136 (one seed behind);
+#     caml 1600 it seed 1337 0.8744 vs 0.8706; unimatch 1600 it seed 1337 0.9231 vs 0.9165.
+#   CT phantom, planned (CT clip + z-score), trained slice-wise (--dim 2, axial slices) at 48x48 to fit a CPU:
+#     seed 1337, 1600 it 0.6153 vs 0.5901, 3200 it 0.7662 vs 0.6142 (agp behind; the baseline's best is one
+#     validation at 0.77 among 0.59-0.62, the small lesion class making the mean jumpy); on sagittal slices, before
+#     the plan kept the stored slice axis on a spacing tie, 1600 it: 0.5743 vs 0.5265.
+#   CT phantom in 3D (its plan's default, 48^3, 2+2): ~8 min per 150-iteration run on 2 threads, mean_teacher
+#     0.3032 vs supervised 0.3015 at 150 it -- a budget where methods separate is hours on this CPU.
+# Earlier, mean_teacher on the MRI phantom (48x48, 4+4, 300 it): 0.8628 vs 0.8655 / 0.8693 vs 0.8628 (tie).
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not yet shown: mean_teacher ties supervised on the phantoms at CPU budgets")
-@pytest.mark.parametrize("data,patch,batch,iterations", [("phantom:20", (48, 48), 4, 300),
-                                                          ("phantom_ct:20", (48, 48, 48), 2, 150)])
-def test_semi_supervised_beats_supervised_on_each_phantom(tmp_path, data, patch, batch, iterations):
-    from semiseg.planning import plan_training
-    from semiseg.train.loop import Trainer
-    dice = {}
-    for method in ("supervised", "mean_teacher"):
-        explicit = dict(data=data, labeled=4, method=method, iterations=iterations, patch_size=patch,
-                        labeled_batch=batch, unlabeled_batch=batch, val_every=max(iterations // 6, 10),
-                        checkpoint_every=100000, device="cpu", threads=2, deterministic=True)
-        cfg, planned, _ = plan_training(explicit, {}, tmp_path / method)
-        dice[method] = Trainer(cfg, tmp_path / method, data=planned).run()["best_val_dice"]
-    assert dice["mean_teacher"] > dice["supervised"] + 0.01, dice
+@pytest.mark.parametrize("data,iterations,explicit", [
+    ("phantom:20", 3200, {}),
+    pytest.param("phantom_ct:20", 1600, {"dim": 2, "patch_size": (48, 48)}, marks=pytest.mark.xfail(
+        strict=False, reason="not yet shown: agp behind supervised on the CT phantom at this CPU budget"))])
+def test_semi_supervised_beats_supervised_on_each_phantom(data, iterations, explicit):
+    from phantom_comparison import assert_beats_matched_baseline
+    assert_beats_matched_baseline("agp", iterations, data=data, labeled=4, **explicit)
 
 
 def test_final_scores_of_a_planned_run_are_on_the_original_grid(iso_dataset, tmp_path):

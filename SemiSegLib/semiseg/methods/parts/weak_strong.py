@@ -9,7 +9,7 @@ the loop's weak ``RandomGenerator`` augmentation:
    a per-image region M_k (a random CutMix box for FixMatch/UniMatch, an attention mask for AGP);
 3. train mode: ``f(cat(x, u_w))`` gives the labeled and the weak predictions (and, for UniMatch/AGP,
    a feature-perturbed prediction decoded from the same encoder pass); ``f(cat(x_s1, x_s2))`` the
-   strong ones;
+   strong ones (FixMatch's ``--joint-forward``: one pass over all of them);
 4. targets: ŷ_w = argmax p_uw (detached) outside M_k and ŷ′ inside, with their confidences;
 5. ``L = ½ [L_x + w_s·Σ_k L_sk + w_fp·L_fp]``, ``L_x = ½(CE + Dice)``, ``L_sk``/``L_fp`` the masked
    multi-class Dice ignoring every pixel whose confidence is below τ (``masked_dice``).
@@ -180,6 +180,12 @@ class WeakStrongMethod(Method):
         pred_uw = clean[nl:]
         return clean[:nl], pred_uw, perturbed[nl:], pseudo_label(pred_uw)
 
+    def train_passes(self, x: torch.Tensor, u_w: torch.Tensor, strong: list[torch.Tensor], step: int):
+        """Train-mode predictions: (pred_x, pred_uw, pred_fp, fp_target, preds_s). Default (UniMatch's code):
+        ``main_pass`` on cat(x, u_w), then the strong views in a pass (and BatchNorm batch) of their own."""
+        pred_x, pred_uw, pred_fp, fp_target = self.main_pass(x, u_w, step)
+        return pred_x, pred_uw, pred_fp, fp_target, self.student(torch.cat(strong)).chunk(len(strong))
+
     def extra_terms(self, step: int) -> dict:
         return {}
 
@@ -198,8 +204,7 @@ class WeakStrongMethod(Method):
         strong = [mix_images(base, strong_augment(mix_w, o.strong_params()), region)
                   for base, region in zip(bases, regions)]
 
-        pred_x, pred_uw, pred_fp, fp_target = self.main_pass(x, u_w, step)
-        preds_s = self.student(torch.cat(strong)).chunk(len(strong))
+        pred_x, pred_uw, pred_fp, fp_target, preds_s = self.train_passes(x, u_w, strong, step)
 
         label_w, conf_w = pseudo_label(pred_uw)
         sup = labeled_loss(pred_x, y, o, self.ctx.dim)
