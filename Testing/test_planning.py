@@ -285,7 +285,8 @@ def test_cli_plan_train_segment_end_to_end(iso_dataset, tmp_path):
 #   CT phantom, planned (CT clip + z-score), trained slice-wise (--dim 2, axial slices) at 48x48 to fit a CPU:
 #     seed 1337, 1600 it 0.6153 vs 0.5901, 3200 it 0.7662 vs 0.6142 (agp behind; the baseline's best is one
 #     validation at 0.77 among 0.59-0.62, the small lesion class making the mean jumpy); on sagittal slices, before
-#     the plan kept the stored slice axis on a spacing tie, 1600 it: 0.5743 vs 0.5265.
+#     the plan kept the stored slice axis on a spacing tie, 1600 it: 0.5743 vs 0.5265. At 64x64, 1600 it: seed 1337
+#     0.6192 vs 0.5994, seed 1 0.6232 vs 0.6062 (~8 min per agp run).
 #   CT phantom in 3D (its plan's default, 48^3, 2+2): ~8 min per 150-iteration run on 2 threads, mean_teacher
 #     0.3032 vs supervised 0.3015 at 150 it -- a budget where methods separate is hours on this CPU.
 # Earlier, mean_teacher on the MRI phantom (48x48, 4+4, 300 it): 0.8628 vs 0.8655 / 0.8693 vs 0.8628 (tie).
