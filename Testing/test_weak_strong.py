@@ -305,6 +305,12 @@ def test_recipe_and_options_of_the_family():
             assert resolve_config({"data": data, "method": name}).method_options["quantize"] == data.startswith("acdc")
     assert resolve_config({"data": "phantom:8", "method": "agp", "method_options": {"quantize": True}}
                           ).method_options["quantize"] is True
+    # FixMatch's single BatchNorm batch: off on the ACDC recipe (UniMatch's code), on elsewhere; an explicit value wins
+    for data in ("acdc:/x", "la:/x", "phantom:8", "/some/folder"):
+        assert resolve_config({"data": data, "method": "fixmatch"}).method_options["joint_forward"] == \
+            (not data.startswith("acdc"))
+    assert resolve_config({"data": "phantom:8", "method": "fixmatch", "method_options": {"joint_forward": False}}
+                          ).method_options["joint_forward"] is False
 
 
 TINY = {"data": "phantom:3", "labeled": 1, "patch_size": (32, 32), "labeled_batch": 2, "unlabeled_batch": 2,
@@ -328,31 +334,31 @@ def test_agp_trains_and_saves_a_plain_transpose_unet_with_bilinear_inference(tmp
 # the phantom preset's defaults (unlabeled views not quantised to 256 levels, see NON_REFERENCE_DATA):
 #   agp       1600 it  0.8671 vs 0.8995 / 0.8787 vs 0.8946 / 0.8571 vs 0.8987   (+3.2 / +1.6 / +4.2 points)
 #   unimatch  3200 it  0.8750 vs 0.8988 / 0.8753 vs 0.9060 / 0.8690 vs 0.8733   (+2.4 / +3.1 / +0.4)
-#   fixmatch  1600 it  0.8671 vs 0.8748 / 0.8787 vs 0.8589 / not run            (+0.8 / −2.0: loses)
-# FixMatch collapses toward background late in a run (validation Dice per 200 it, seed 1: ... 0.857, 0.471,
-# 0.349): with one labeled volume its single strong view, supervised by its own pseudo-labels, ends up
+#   fixmatch  6400 it  0.8775 vs 0.9076 / 0.8892 vs 0.8951 / 0.8751 vs 0.9096   (+3.0 / +0.6 / +3.5; joint pass)
+# FixMatch with UniMatch's separate strong pass (the ACDC recipe's), 1600 it: 0.8671 vs 0.8748 / 0.8787 vs 0.8589
+# (+0.8 / −2.0, loses). It collapses toward background late in a run (validation Dice per 200 it, seed 1: ...
+# 0.857, 0.471, 0.349): with one labeled volume its single strong view, supervised by its own pseudo-labels, ends up
 # predicting background on the unlabeled images; UniMatch's second view and feature stream and AGP's
 # attention-guided views do not collapse at this budget. Tried on seed 1337, 1600 it (best; validation Dice per
 # 200 it), none of which makes it win: unlabeled batch 4 (a strong batch the size of UniMatch's) 0.8669 vs 0.8671,
 # tie, falling to 0.78; unlabeled batch 6 0.8899 vs 0.8671 but through 0.09 at 800 it; batch 4+4 0.8039 vs 0.8578,
-# ends 0.12; blur σ scaled from 256² to 32² pixels (0.0125-0.25) collapses sooner, to 0.00 (seeds 1337 and 1);
+# ends 0.12; blur σ scaled from 256² to 32² pixels (0.0125-0.25) collapses sooner, to 0.00 (seeds 1337 and 1),
+# so does no CutMix (0.17 / 0.05 at the end) and 64x64 images (0.7539 vs 0.8976, ends 0.002);
 # leaving classes with no confident target pixel out of the masked Dice collapses too (0.81 → 0.28): the drift is
 # the model's own confident-background pseudo-labels, not the empty-class Dice term. What does stop it is BatchNorm:
 # with --joint-forward (labeled, weak and strong views in one train-mode batch, as FixMatch's own code) the same
 # runs do not collapse: 1600 it 0.8576 / 0.8566 (seeds 1337 / 1; validation Dice steady at 0.84-0.86 to the end,
-# still below 0.8671 / 0.8787), 3200 it 0.8750 vs 0.8957 / 0.8753 vs 0.8672 / 0.8690 vs 0.8950 (+2.1 / −0.8 / +2.6:
-# mean +1.3, one seed behind, so the default stays UniMatch's separate strong pass).
+# still below 0.8671 / 0.8787), 3200 it 0.8750 vs 0.8957 / 0.8753 vs 0.8672 / 0.8690 vs 0.8950 (+2.1 / −0.8 / +2.6),
+# 6400 it 0.8775 vs 0.9076 / 0.8892 vs 0.8951 / 0.8751 vs 0.9096 (+3.0 / +0.6 / +3.5: shown; ~7 min per FixMatch
+# run, ~3.5 min per baseline). The joint pass is therefore FixMatch's default on every preset but acdc (the test
+# below runs the phantom preset's defaults).
 # Before the quantisation default changed (agp, unimatch and fixmatch quantised the unlabeled views as on ACDC):
 # agp +3.1 / +2.2 / +4.5, unimatch 3200 it +0.7 / +2.0 / +2.9, fixmatch 1600 it −3.4 / −4.3 and 3200 it −8.1
 # (seed 1337).
 # At 800 iterations (seeds 1337 / 1, quantised) not even AGP is ahead: supervised 0.8553 / 0.8727, agp
 # 0.8710 / 0.8621, unimatch 0.8737 / 0.8593. One CPU thread: ~3 min per AGP run at 1600 it, ~5 min per
 # UniMatch run at 3200.
-NOT_SHOWN = pytest.mark.xfail(strict=False, reason="not shown at this CPU budget: loses to its matched baseline")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name,iterations", [("agp", 1600), ("unimatch", 3200),
-                                             pytest.param("fixmatch", 1600, marks=NOT_SHOWN)])
+@pytest.mark.parametrize("name,iterations", [("agp", 1600), ("unimatch", 3200), ("fixmatch", 6400)])
 def test_beats_its_matched_supervised_baseline_on_the_phantom(name, iterations):
     assert_beats_matched_baseline(name, iterations=iterations)

@@ -3,7 +3,9 @@ CutMix box pasted from a strong view of the mix batch, no feature stream: ``L = 
 
 The shared core is ``parts/weak_strong.py``. The "FixMatch" rows of the UniMatch/AGP tables come from
 UniMatch's ablation setup; this composition (one view, weight 1, τ = 0.95) is inferred from it
-[INF in METHODS.md]. The V-Net (3D) variant is SemiSeg's own extension.
+[INF in METHODS.md]. The V-Net (3D) variant is SemiSeg's own extension. Off the ACDC recipe the labeled,
+weak and strong images go through one train-mode pass (``joint_forward``, FixMatch's own code): with UniMatch's
+separate strong pass, BatchNorm let FixMatch collapse toward background on the phantom.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import register_method
-from .parts.weak_strong import ConsistencyOptions, CutMixOptions, StrongAugOptions, WeakStrongMethod
+from .parts.weak_strong import (NON_REFERENCE_DATA, ConsistencyOptions, CutMixOptions, StrongAugOptions,
+                                WeakStrongMethod)
 
 
 @dataclass
@@ -23,10 +26,10 @@ class Options(CutMixOptions, StrongAugOptions, ConsistencyOptions):
         "help": "weight of the strong-view loss in L = ½(L_x + w_s·L_s) (1, inferred from UniMatch's ablation)"})
     joint_forward: bool = field(default=False, metadata={
         "help": "one train-mode forward of cat(labeled, weak, strong), so BatchNorm normalises every stream with "
-                "the same batch statistics, as FixMatch's own code does; off = UniMatch's code (the strong view in "
-                "a pass of its own). On the phantom with one labeled volume the separate pass let FixMatch drift to "
-                "predicting background (validation Dice 0.78 and 0.35 at the end of 1600 iterations, seeds 1337 "
-                "and 1); the joint pass did not (0.86 and 0.85)"})
+                "the same batch statistics, as FixMatch's own code does. Off for the ACDC recipe (UniMatch's code: "
+                "the strong view in a pass of its own), on for every other preset: there, with one labeled "
+                "phantom volume, the separate pass let FixMatch drift to predicting background (validation Dice "
+                "0.78 and 0.35 after 1600 iterations, seeds 1337 and 1) and the joint pass did not"})
 
 
 @register_method("fixmatch")
@@ -34,6 +37,7 @@ class FixMatch(WeakStrongMethod):
     description = ("FixMatch (UniMatch medical setting): weak-view pseudo-labels (τ=0.95) supervise one strong "
                    "view (colour jitter, blur, CutMix from a mix batch); masked Dice. 3D: SemiSeg extension.")
     Options = Options
+    option_presets = {preset: dict(values, joint_forward=True) for preset, values in NON_REFERENCE_DATA.items()}
     strong_views = 1
     feature_stream = False
 
