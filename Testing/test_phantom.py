@@ -148,3 +148,4 @@ def test_written_phantom_reads_back_voxel_for_voxel(tmp_path, write, make, class
         assert np.allclose(image.geometry.direction, direction)
         check_same_grid(image, label, image_path, label_path)
         assert [(c.value, c.name) for c in read_classes] == [(c.value, c.name) for c in classes]
+        np.testing.assert_allclose([c.color for c in read_classes], [c.color for c in classes])

@@ -349,9 +349,8 @@ def test_agp_trains_and_saves_a_plain_transpose_unet_with_bilinear_inference(tmp
 # with --joint-forward (labeled, weak and strong views in one train-mode batch, as FixMatch's own code) the same
 # runs do not collapse: 1600 it 0.8576 / 0.8566 (seeds 1337 / 1; validation Dice steady at 0.84-0.86 to the end,
 # still below 0.8671 / 0.8787), 3200 it 0.8750 vs 0.8957 / 0.8753 vs 0.8672 / 0.8690 vs 0.8950 (+2.1 / −0.8 / +2.6),
-# 6400 it 0.8775 vs 0.9076 / 0.8892 vs 0.8951 / 0.8751 vs 0.9096 (+3.0 / +0.6 / +3.5: shown; ~7 min per FixMatch
-# run, ~3.5 min per baseline). The joint pass is therefore FixMatch's default on every preset but acdc (the test
-# below runs the phantom preset's defaults).
+# and at 6400 it ahead on every seed (the fixmatch row above; ~7 min per FixMatch run, ~3.5 min per baseline). The
+# joint pass is therefore FixMatch's default on every preset but acdc (the test below runs the phantom's defaults).
 # Before the quantisation default changed (agp, unimatch and fixmatch quantised the unlabeled views as on ACDC):
 # agp +3.1 / +2.2 / +4.5, unimatch 3200 it +0.7 / +2.0 / +2.9, fixmatch 1600 it −3.4 / −4.3 and 3200 it −8.1
 # (seed 1337).

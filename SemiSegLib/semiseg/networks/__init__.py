@@ -16,7 +16,8 @@ from torch import nn
 from ..errors import SemiSegError
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {}
-SIZE_DIVISOR = 16  # unet and vnet downsample 4 times: training sizes are multiples of 16
+DOWNSAMPLINGS = 4                  # unet and vnet: 4 poolings
+SIZE_DIVISOR = 2 ** DOWNSAMPLINGS  # so training sizes are multiples of 16
 
 
 def bottleneck_values(patch, batch: int) -> int:

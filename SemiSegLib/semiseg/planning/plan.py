@@ -34,11 +34,10 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import SemiSegError
-from ..networks import SIZE_DIVISOR, bottleneck_values
+from ..networks import DOWNSAMPLINGS, SIZE_DIVISOR, bottleneck_values
 from .fingerprint import Fingerprint
 
 PLAN_VERSION = 1
-DOWNSAMPLINGS = 4           # unet and vnet: 4 poolings (networks.SIZE_DIVISOR = 2 ** 4)
 ANISOTROPY_RATIO = 3.0      # coarsest / finest median spacing above which training is 2D
 SPACING_TIE_RTOL = 0.05     # spacings within 5 % of the coarsest count as tied when choosing the 2D slice axis
 GPU_SAFETY = 0.75           # share of a GPU's total memory the plan may use
