@@ -204,10 +204,36 @@ def test_foreground_share_raises_the_rate_of_a_tiny_structure():
     assert r5 >= 0.5         # 2 of every 4 labeled patches are centred on it
 
 
-def test_foreground_count_per_batch_and_none_in_2d():
+def test_foreground_count_per_batch():
     src = _fg_source(0.33, lb=3)
     assert src._forced(3) == [False, False, True] and src._forced(2) == [False, True]
     assert _fg_source(0.0)._forced(4) is None
+
+
+def _fg_slices(share, lb=4, seed=0):
+    """20 slices of 32x32: a large class 1 on slices 10-19, a 2x2-pixel class 2 at the centre of slice 3 only
+    (the centre, so that the 2D pipeline's rotations never move it out of the slice)."""
+    lab = np.zeros((32, 32, 20), np.uint8)
+    lab[4:28, 4:12, 10:] = 1
+    lab[15:17, 15:17, 3] = 2
+    return BatchSource([_ref("a", lab.astype(np.float32), lab)], [], 2, (32, 32), "none", lb, 0, seed, CPU,
+                       foreground_share=share)
+
+
+def test_2d_foreground_share_draws_slices_that_contain_a_random_present_class():
+    def draws(share):
+        src = _fg_slices(share)
+        labs = [lab for _ in range(60) for lab in src.next().labeled_label]
+        share_of = lambda cond: sum(bool(cond(lab).any()) for lab in labs) / len(labs)  # noqa: E731
+        return share_of(lambda lab: lab > 0), share_of(lambda lab: lab == 2)
+    any0, tiny0 = draws(0.0)
+    any1, tiny1 = draws(1.0)
+    assert tiny0 < 0.15 and 0.35 < any0 < 0.65   # uniform over slices: 1 of 20 has the tiny class, 10 of 20 any
+    assert any1 == 1.0                           # every slice drawn shows a foreground class
+    assert 0.38 < tiny1 < 0.62                   # the class is drawn uniformly, not by slice or pixel count
+    src = _fg_slices(0.5)  # the last 2 of 4 are forced, and the batch's slice indices say which slices were used
+    forced = [int(i) for _ in range(30) for i in src.next().labeled_index[2:]]
+    assert set(forced) <= {3, *range(10, 20)} and 3 in forced
 
 
 # ------------------------------------------------------------------ prefetch thread

@@ -82,3 +82,16 @@ def test_ua_mt_masks_uncertain_pixels_and_runs_t_passes():
     assert calls == [2, 4, 4]
     assert 0.0 <= terms["certain_fraction"].item() <= 1.0
     assert torch.isfinite(terms["loss"])
+
+
+@pytest.mark.parametrize("method", ["mean_teacher", "ss_net", "lcc"])
+def test_a_ramp_longer_than_the_run_is_capped_to_the_run(method):
+    """ACDC's 30000-iteration ramp in a 3000-iteration run (a user's own data, a CPU budget) reaches the full
+    weight at the run's end: λ(t) = c·sigmoid_rampup(t // 150, 3000 / 150), not c·sigmoid_rampup(t // 150, 200)."""
+    cls = get_method(method)
+    short = cls(build_network("unet", num_classes=4), cls.Options(), MethodContext(2, 4, 3000, "generic2d"))
+    full = cls(build_network("unet", num_classes=4), cls.Options(), MethodContext(2, 4, 30000, "acdc"))
+    assert short.ramp_length(30000) == 3000 and full.ramp_length(30000) == 30000
+    assert short.weight(3000) == pytest.approx(0.1)
+    assert short.weight(1500) == pytest.approx(0.1 * sigmoid_rampup(10, 20))
+    assert full.weight(3000) == pytest.approx(0.1 * sigmoid_rampup(20, 200))  # exp(-5·0.9²) ≈ 0.017 of full

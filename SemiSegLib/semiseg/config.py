@@ -52,7 +52,7 @@ class TrainConfig:
     threads: int = field(default=0, metadata=_h("CPU threads for torch (0 = torch default)"))
     data_on_device: str = field(default="auto", metadata=_h("keep the training data and its augmentation on the training GPU: auto (when the data take at most a quarter of the free GPU memory), on, off (CPU; see prefetch); SemiSeg option", choices=["auto", "on", "off"]))
     prefetch: int = field(default=0, metadata=_h("batches prepared ahead by a background thread (0 = off); deterministic: same batches, same resume state; SemiSeg option"))
-    foreground_share: float = field(default=0.0, metadata=_h("3D: share of each labeled batch cropped around a voxel of a random present foreground class (nnU-Net-style oversampling; SemiSeg option). 0 = the literature's uniform random crops"))
+    foreground_share: float = field(default=0.0, metadata=_h("share of each labeled batch that shows a random present foreground class (nnU-Net-style oversampling; SemiSeg option): 3D patches centred on a voxel of it, 2D slices that contain it. 0 = the literature's uniform draws"))
     precision: str = field(default="auto", metadata=_h("training precision: auto (bf16 on a GPU that supports it, fp16 + loss scaling on other GPUs, fp32 on the CPU; --no-amp makes auto fp32), fp32, bf16 (autocast; also on the CPU), fp16 (CUDA only)", choices=["auto", "fp32", "bf16", "fp16"]))
     channels_last: bool = field(default=False, metadata=_h("2D only: channels-last memory format for the network and batches (faster convolutions on GPUs with bf16/fp16; SemiSeg option)"))
     compile: bool = field(default=False, metadata=_h("torch.compile the student network (in place: checkpoint keys stay plain; first iterations are slow while it compiles)"))
@@ -113,7 +113,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       lr_schedule="poly", val_every=500, selection="val", network="vnet", stride=(32, 32, 16),
                       foreground_share=0.33),
     "generic2d": dict(dim=2, labeled=0, patch_size=(256, 256), labeled_batch=12, unlabeled_batch=12, iterations=10000,
-                      lr_schedule="poly", val_every=200, selection="val", network="unet"),
+                      lr_schedule="poly", val_every=200, selection="val", network="unet", foreground_share=0.33),
 }
 
 

@@ -117,6 +117,11 @@ class SliceStore:
         self._flat_images = self._with_zero(torch.stack(images))
         self._flat_labels = self._with_zero(torch.stack(labels)) if labels else None
         self._views()
+        # foreground-aware sampling: per present foreground class, the slices that contain it
+        self.class_slices = []
+        if self.labels is not None:
+            present = torch.stack([torch.bincount(s.reshape(-1).long(), minlength=256) > 0 for s in self.labels])
+            self.class_slices = [present[:, c].nonzero()[:, 0] for c in range(1, 256) if present[:, c].any()]
         self.device = torch.device("cpu")
         try:
             self.aug = _aug_2d(self.size, self.device)
@@ -147,6 +152,18 @@ class SliceStore:
         self._views()
         self.aug = _aug_2d(self.size, device)
         return self
+
+    def foreground_slices(self, idx: torch.Tensor, forced: list[bool], gen: torch.Generator) -> torch.Tensor:
+        """``idx`` with each ``forced`` sample replaced by a slice containing a random present foreground class
+        (the class drawn uniformly, then one of its slices): the 2D form of foreground-aware sampling, since a
+        slice is resized whole rather than cropped."""
+        if not self.class_slices:
+            return idx
+        idx = idx.clone()
+        for s in (i for i, f in enumerate(forced) if f):
+            slices = self.class_slices[int(torch.randint(0, len(self.class_slices), (1,), generator=gen))]
+            idx[s] = slices[int(torch.randint(0, len(slices), (1,), generator=gen))]
+        return idx
 
     def draw(self, idx: torch.Tensor, gen: torch.Generator, forced=None) -> torch.Tensor:
         """The reference's random draws for these samples (CPU): one transform code each."""
@@ -291,8 +308,9 @@ class BatchSource:
 
     ``data_on_device``: auto (on a GPU when the data take at most ``DEVICE_FRACTION`` of its free memory),
     on, off (data and augmentation stay on the CPU; use ``prefetch`` to prepare batches in a background
-    thread). ``foreground_share``: share of each labeled 3D batch (its last round(b·share) samples) centred on a
-    voxel of a random present foreground class (nnU-Net style; 0 = the literature's uniform crops).
+    thread). ``foreground_share``: share of each labeled batch (its last round(b·share) samples) that shows a
+    random present foreground class (nnU-Net style; 0 = the literature's uniform draws): a 3D patch centred on
+    a voxel of it, a 2D slice that contains it.
     ``rank``/``world_size``: batch sizes are global; every rank draws the whole global batch from the
     same generator and returns its contiguous slice [rank·b/w, (rank+1)·b/w)."""
 
@@ -345,7 +363,7 @@ class BatchSource:
         return self.device if need <= self.DEVICE_FRACTION * free else torch.device("cpu")
 
     def _forced(self, b: int) -> list[bool] | None:
-        if self.dim != 3 or self.foreground_share <= 0:
+        if self.foreground_share <= 0:
             return None
         n = int(math.floor(b * self.foreground_share + 0.5))
         return [i >= b - n for i in range(b)]
@@ -357,7 +375,10 @@ class BatchSource:
     def _produce(self):
         """Draw the global batch (CPU generator, reference order), then build this rank's slice."""
         lidx = self.lab_stream.take(self.labeled_batch)
-        lp = self.labeled.draw(lidx, self.gen, self._forced(self.labeled_batch))
+        forced = self._forced(self.labeled_batch)
+        if forced is not None and self.dim == 2:
+            lidx = self.labeled.foreground_slices(lidx, forced, self.gen)
+        lp = self.labeled.draw(lidx, self.gen, forced)
         uidx, up, extra = None, None, []
         if self.unl_stream is not None:
             uidx = self.unl_stream.take(self.unlabeled_batch)

@@ -50,6 +50,12 @@ class Method(nn.Module):
         self.ctx = ctx
         self.teacher: nn.Module | None = None
 
+    def ramp_length(self, rampup_iterations: int) -> int:
+        """A ramp-up never outlasts the run: capped to its iterations. The literature's ramps span their
+        whole run (SSL4MIS ACDC 30000 of 30000, UA-MT LA 6000 of 6000); a shorter run (a user's own data,
+        a CPU budget) still reaches the full weight, at its end, instead of staying near zero."""
+        return min(rampup_iterations, self.ctx.iterations) if self.ctx.iterations > 0 else rampup_iterations
+
     def losses(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Return the loss terms of one step; key ``loss`` is the total that is optimised.
         Other entries (detached or not) are logged."""

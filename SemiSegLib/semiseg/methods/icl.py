@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..config import PRESETS as DATA_PRESETS
 from ..errors import SemiSegError
 from ..losses import dice_loss_multiclass, supervised_loss
+from ..networks import SIZE_DIVISOR
 from . import register_method
 from .base import Method
 from .parts.icl_modules import (ICL_CHANNELS, SemanticProxyModule, expected_parameters, token_counts_for)
@@ -132,8 +133,8 @@ class ICL(Method):
         size = tuple(self.options.train_size) or tuple((self.options.run or {}).get("patch_size", ()))
         if not size:
             size = tuple(DATA_PRESETS.get(self.ctx.preset, DATA_PRESETS["generic2d"])["patch_size"])
-        if len(size) != 2 or any(s % 16 for s in size):
-            raise SemiSegError(f"{self.name}: training size {size} must be two multiples of 16")
+        if len(size) != 2 or any(s % SIZE_DIVISOR for s in size):
+            raise SemiSegError(f"{self.name}: training size {size} must be two multiples of {SIZE_DIVISOR}")
         return int(size[0]), int(size[1])
 
     # ------------------------------------------------------------------------------ losses

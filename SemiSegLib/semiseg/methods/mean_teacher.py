@@ -19,7 +19,8 @@ from .common import SupervisedOptions, labeled_loss, teacher_noise
 class Options(SupervisedOptions):
     consistency: float = field(default=0.1, metadata={"help": "maximum consistency weight λ"})
     rampup_iterations: int = field(default=30000, metadata={
-        "help": "sigmoid ramp-up length in iterations (lineage: R·150; ACDC R=200 → 30000, LA R=40 → 6000)"})
+        "help": "sigmoid ramp-up length in iterations (lineage: R·150; ACDC R=200 → 30000, LA R=40 → 6000); capped to the "
+                "run's iterations"})
     consistency_delay: int = field(default=1000, metadata={
         "help": "consistency forced to 0 before this iteration (SSL4MIS 2D: 1000; 3D: 0)"})
     noise_std: float = field(default=0.1, metadata={"help": "teacher input noise std"})
@@ -47,7 +48,9 @@ class MeanTeacher(Method):
 
     def weight(self, step: int) -> float:
         o = self.options
-        return 0.0 if step < o.consistency_delay else consistency_weight(step, o.consistency, o.rampup_iterations)
+        if step < o.consistency_delay:
+            return 0.0
+        return consistency_weight(step, o.consistency, self.ramp_length(o.rampup_iterations))
 
     def losses(self, batch, step):
         logits = self.student(batch.image)

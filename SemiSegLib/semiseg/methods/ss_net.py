@@ -50,7 +50,8 @@ class RampOptions:
     consistency: float = field(default=0.1, metadata={
         "help": "maximum unsupervised weight c in λ(t) = c·sigmoid_rampup(it // 150, R) (SS-Net: ACDC 0.1, LA 1.0)"})
     rampup_iterations: int = field(default=30000, metadata={
-        "help": "ramp-up length in iterations, R·150 (SS-Net: ACDC R=200 → 30000, LA R=40 → 6000)"})
+        "help": "ramp-up length in iterations, R·150 (SS-Net: ACDC R=200 → 30000, LA R=40 → 6000); capped to the run's "
+                "iterations"})
 
 
 @dataclass
@@ -101,7 +102,8 @@ class SeparationMethod(Method):
         return ssnet_supervised_loss(logits, label, self.options.sup_loss, self.options.dice, self.ctx.dim)
 
     def weight(self, step: int) -> float:
-        return consistency_weight(step, self.options.consistency, self.options.rampup_iterations)
+        o = self.options
+        return consistency_weight(step, o.consistency, self.ramp_length(o.rampup_iterations))
 
     def on_start(self, log) -> None:
         o = self.options
