@@ -13,10 +13,10 @@ import signal
 import sys
 from pathlib import Path
 
-from . import protocol
-from .console import Reporter
 from semiseg.planning import PLAN_INPUT_FIELDS
 
+from . import protocol
+from .console import Reporter
 from .options import add_config_options, add_train_options, describe_presets, split_args
 
 
