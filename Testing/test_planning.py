@@ -285,7 +285,8 @@ def test_cli_plan_train_segment_end_to_end(iso_dataset, tmp_path):
 #     each labeled batch drawn among slices with a random present class), lcc, 3200 it:
 #     0.6912 vs 0.8044 / 0.7920 vs 0.7955 / 0.7991 vs 0.8109   (+11.3 / +0.4 / +1.2; ~8 min per pair). The lesion
 #     class makes the mean jumpy: the seed-1337 baseline's best validation missed most of it.
-#     ss_net, same setting: 1600 it +2.6 / +0.5 / -0.3; 3200 it +11.1 / -0.4 / +1.4 (one seed behind).
+#     ss_net, same setting: 1600 it +2.6 / +0.5 / -0.3; 3200 it +11.1 / -0.4 / +1.4, with consistency 1.0
+#     +10.6 / +1.5 / +1.6 (Testing/test_ss_net_lcc.py).
 #     agp, same setting, 1600 it seed 1337: 0.8462 vs 0.7733 (behind). Before 2D foreground sampling the lesion was
 #     never found (Dice 0.00, mean ~0.60 for every method) and agp was behind at 1600 and 3200 it.
 #   CT phantom in 3D (its plan's default, 48^3, 2+2): ~8 min per 150-iteration run on 2 threads -- a budget where
