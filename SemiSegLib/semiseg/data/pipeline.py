@@ -117,11 +117,7 @@ class SliceStore:
         self._flat_images = self._with_zero(torch.stack(images))
         self._flat_labels = self._with_zero(torch.stack(labels)) if labels else None
         self._views()
-        # foreground-aware sampling: per present foreground class, the slices that contain it
-        self.class_slices = []
-        if self.labels is not None:
-            present = torch.stack([torch.bincount(s.reshape(-1).long(), minlength=256) > 0 for s in self.labels])
-            self.class_slices = [present[:, c].nonzero()[:, 0] for c in range(1, 256) if present[:, c].any()]
+        self._class_slices: list[torch.Tensor] | None = None  # built on first foreground-aware draw
         self.device = torch.device("cpu")
         try:
             self.aug = _aug_2d(self.size, self.device)
@@ -152,6 +148,18 @@ class SliceStore:
         self._views()
         self.aug = _aug_2d(self.size, device)
         return self
+
+    @property
+    def class_slices(self) -> list[torch.Tensor]:
+        """Per present foreground class, the indices (CPU) of the slices that contain it. Built when first
+        needed, so runs without foreground-aware sampling (the literature presets) do not pay for it."""
+        if self._class_slices is None:
+            self._class_slices = []
+            if self.labels is not None:
+                present = torch.stack([torch.bincount(s.reshape(-1).long(), minlength=256) > 0
+                                       for s in self.labels]).cpu()
+                self._class_slices = [present[:, c].nonzero()[:, 0] for c in range(1, 256) if present[:, c].any()]
+        return self._class_slices
 
     def foreground_slices(self, idx: torch.Tensor, forced: list[bool], gen: torch.Generator) -> torch.Tensor:
         """``idx`` with each ``forced`` sample replaced by a slice containing a random present foreground class
