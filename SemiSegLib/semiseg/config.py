@@ -200,11 +200,10 @@ def validate(cfg: TrainConfig) -> None:
         raise SemiSegError(f"dim must be 2 or 3, not {cfg.dim}")
     if len(cfg.patch_size) != cfg.dim:
         raise SemiSegError(f"patch size {tuple(cfg.patch_size)} does not have {cfg.dim} dimensions")
-    if cfg.dim == 3 and any(p % SIZE_DIVISOR for p in cfg.patch_size):
-        raise SemiSegError(f"3D patch size {tuple(cfg.patch_size)} must be a multiple of {SIZE_DIVISOR} on every axis "
-                           "(V-Net depth)")
-    if cfg.dim == 2 and any(p % SIZE_DIVISOR for p in cfg.patch_size):
-        raise SemiSegError(f"2D training size {tuple(cfg.patch_size)} must be a multiple of {SIZE_DIVISOR} (UNet depth)")
+    if any(p % SIZE_DIVISOR for p in cfg.patch_size):
+        what, net = ("3D patch", "V-Net") if cfg.dim == 3 else ("2D training", "UNet")
+        raise SemiSegError(f"{what} size {tuple(cfg.patch_size)} must be a multiple of {SIZE_DIVISOR} on every axis "
+                           f"({net} depth)")
     if cfg.dim == 2 and len(set(cfg.patch_size)) > 1:
         raise SemiSegError(f"2D training size {tuple(cfg.patch_size)} must be square: slices are resized to it "
                            "and the rot90 augmentation turns them")
