@@ -73,15 +73,61 @@ def test_ua_mt_masked_consistency_hand_computed():
     assert masked_consistency(s, t, mask).item() == pytest.approx((0.04 + 0.04) / 2, rel=1e-6)
 
 
-def test_ua_mt_masks_uncertain_pixels_and_runs_t_passes():
-    m = make("ua_mt", mc_passes=4)
+@pytest.mark.parametrize("per_pass,passes", [(0, [2, 8]), (2, [2, 4, 4]), (3, [2, 6, 2])])
+def test_ua_mt_masks_uncertain_pixels_and_runs_t_passes(per_pass, passes):
+    """One teacher pass for the target, then the T = 4 MC copies of the unlabeled batch (2 images): all in one
+    forward by default, the code's T/2 passes of the doubled batch with mc_copies_per_pass 2."""
+    m = make("ua_mt", mc_passes=4, mc_copies_per_pass=per_pass)
     calls = []
     m.teacher.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
     terms = m.losses(batch(), 5000)
-    # one pass for the target + T/2 passes of the doubled unlabeled batch
-    assert calls == [2, 4, 4]
+    assert calls == passes
     assert 0.0 <= terms["certain_fraction"].item() <= 1.0
     assert torch.isfinite(terms["loss"])
+
+
+def test_ua_mt_one_mc_forward_equals_the_codes_passes_without_randomness():
+    """With dropout off and no input noise every MC copy is the same computation: one forward of T copies gives
+    the (T, B, C, H, W) samples of the code's T/2 forwards of the doubled batch, up to fp32 rounding (BatchNorm's
+    batch statistics over identical copies do not depend on how many copies there are)."""
+    probs = {}
+    for per_pass in (0, 2):
+        torch.manual_seed(0)
+        net = build_network("unet", num_classes=4, dropout=(0, 0, 0, 0, 0))
+        cls = get_method("ua_mt")
+        m = cls(net, cls.Options(mc_copies_per_pass=per_pass, noise_std=0.0),
+                MethodContext(dim=2, num_classes=4, iterations=30000, preset="acdc"))
+        m.teacher = copy.deepcopy(net).train()
+        probs[per_pass] = m.mc_probs(batch().unlabeled_image)
+    assert probs[0].shape == (8, 2, 4, 32, 32)
+    assert torch.allclose(probs[0], probs[2], atol=1e-5)
+    assert torch.allclose(probs[0][0], probs[0][7], atol=1e-5)  # no randomness: the copies agree
+
+
+class _NoiseProbe(torch.nn.Module):
+    """A 'teacher' whose 2-class logits are (x, 0): its softmax samples reveal the input noise of each copy."""
+    def forward(self, x):
+        return torch.cat([x, torch.zeros_like(x)], 1)
+
+
+def test_ua_mt_mc_copies_get_independent_noise_and_are_seeded():
+    """Each of the T copies in the one MC forward gets its own clamp(N(0, 0.1²), ±0.2) input noise, with the same
+    spread as in the code's passes, copies uncorrelated; the samples are reproducible with the seed."""
+    u = torch.zeros(2, 1, 64, 64)
+    noise = {}
+    for per_pass in (0, 2):
+        m = make("ua_mt", mc_copies_per_pass=per_pass)
+        m.teacher = _NoiseProbe()
+        torch.manual_seed(3)
+        p = m.mc_probs(u)[:, :, 0]  # sigmoid(noise)
+        torch.manual_seed(3)
+        assert torch.equal(p, m.mc_probs(u)[:, :, 0])  # same seed, same samples
+        noise[per_pass] = torch.logit(p.double()).reshape(8, -1)
+    for n in noise.values():
+        assert n.abs().max() <= 0.2 + 1e-6
+        corr = torch.corrcoef(n)
+        assert (corr - torch.eye(8, dtype=corr.dtype)).abs().max() < 0.06  # 8192 values per copy: |r| ~ 0.01
+    assert noise[0].std().item() == pytest.approx(noise[2].std().item(), rel=0.03)
 
 
 @pytest.mark.parametrize("method", ["mean_teacher", "ss_net", "lcc"])

@@ -333,6 +333,36 @@ def test_vat_grad_early_gives_the_same_loss_and_gradients():
         assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6 * scale), k
 
 
+def test_vat_target_reuse_saves_one_forward_and_changes_no_number_without_dropout():
+    """The VAT target taken from the main forward (default) instead of a second train-mode forward of the same
+    batch (the code): without dropout both targets are the same softmax, so loss terms and gradients agree;
+    the student runs one forward fewer, and BatchNorm's running statistics are updated once instead of twice."""
+    b = two_stream()
+    grads, values, forwards, tracked = [], [], [], []
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        net = build_network("unet", num_classes=4, upsampling="bilinear", dropout=(0, 0, 0, 0, 0))
+        cls = get_method("ss_net")
+        o = cls.default_options("acdc", 2)
+        o.vat_reuse_target = reuse
+        m = cls(net, o, MethodContext(dim=2, num_classes=4, iterations=30000, preset="acdc")).train()
+        calls = []
+        net.register_forward_hook(lambda mod, inp, out: calls.append(1))
+        torch.manual_seed(5)  # without dropout the only random draw is the VAT start direction
+        terms = m.losses(b, 20000)
+        terms["loss"].backward()
+        values.append({k: v.item() for k, v in terms.items()})
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+        forwards.append(len(calls))
+        tracked.append(next(v.item() for k, v in net.state_dict().items() if k.endswith("num_batches_tracked")))
+    assert forwards == [4, 3]  # main, target, power iteration, perturbed -> main, power iteration, perturbed
+    assert tracked == [2, 1]
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
+    scale = max(g.abs().max().item() for g in grads[0].values())
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6 * scale), k
+
+
 def test_ss_net_la_step_on_a_small_vnet_patch():
     m = make_method("ss_net", preset="la", dim=3, classes=2, sep_max_pixels=500).train()
     assert (m.options.vat_eps, m.options.consistency, m.options.rampup_iterations) == (10.0, 1.0, 6000)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
+from .machine import describe, format_machine
 
 
 def _status_kb(field: str) -> float | None:
@@ -103,6 +104,7 @@ def _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predic
         "seconds": round(total, 4), "it_per_s": measured / max(total, 1e-12),
         "data_seconds": round(t_data, 4), "data_share": min(max(t_data / max(total, 1e-12), 0.0), 1.0),
         "final_loss": float(terms["loss"].detach()) if terms else None, "memory_kind": memory_kind,
+        "channels_last": trainer.channels_last, "compile": cfg.compile, "machine": describe(),
     }
     if cuda:
         out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -158,6 +160,11 @@ def format_bench_table(rows: list[dict]) -> str:
         lines.append(f"({r['data']}, {r['dim']}D patch {tuple(r['patch_size'])}; {r['iterations']} iterations measured "
                      f"after {r['warmup']} warm-up, at iteration {r['offset']}; {r['threads']} threads; "
                      f"memory: {r['memory_kind']}; inference over {r['inference_volumes']} volume(s))")
+        lines.append(f"settings: precision {r['precision']}, channels-last {'on' if r.get('channels_last') else 'off'}, "
+                     f"torch.compile {'on' if r.get('compile') else 'off'}, allocator "
+                     f"{r.get('machine', {}).get('allocator', '?')} (keep freed memory)")
+        if r.get("machine"):
+            lines.append(format_machine(r["machine"]))
     return "\n".join(lines)
 
 

@@ -66,6 +66,11 @@ class Options(SeparationOptions, RampOptions, SSNetSupervisedOptions):
     vat_freeze_target_bn: bool = field(default=False, metadata={
         "help": "also freeze BN running statistics in the VAT target pass (the code does not: it is a plain "
                 "train-mode forward; the perturbed passes are always frozen)"})
+    vat_reuse_target: bool = field(default=True, metadata={
+        "help": "one forward fewer (ours): the VAT target p is the main forward's detached prediction instead of a "
+                "second train-mode forward of the same batch. Same distribution of p (its own dropout masks in the "
+                "code, the main pass's here), so the same expected gradient; BatchNorm running statistics get one "
+                "update per step instead of two. Not with vat_grad_early or vat_freeze_target_bn"})
     vat_grad_early: bool = field(default=False, metadata={
         "help": "memory saving (ours): run VAT before the main forward and fold its parameter gradient into a "
                 "carrier term, so its graph is freed before the main graph exists. Same loss value and gradients "
@@ -125,10 +130,10 @@ class SSNet(SeparationMethod):
         name = o.vat_distance if o.vat_distance != "auto" else ("soft_dice" if self.ctx.dim == 2 else "binary_dice")
         return DISTANCES[name]
 
-    def vat_term(self, x: torch.Tensor) -> torch.Tensor:
+    def vat_term(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         o = self.options
         return vat_loss(self.student, x, self.distance(), o.vat_xi, o.vat_eps, o.vat_power_iterations,
-                        freeze_target_bn=o.vat_freeze_target_bn)
+                        target=target, freeze_target_bn=o.vat_freeze_target_bn)
 
     def vat_term_early(self, x: torch.Tensor) -> torch.Tensor:
         """``L_lds`` with its graph already consumed: value ``L_lds``, gradient ``∇θ L_lds`` through a carrier
@@ -155,7 +160,8 @@ class SSNet(SeparationMethod):
         sep_l = self.separation.term(emb[:nl], label)
         sep_u = self.separation.term(emb[nl:], pred[nl:]) if x.shape[0] > nl else sup.new_zeros(())
         if lds is None:
-            lds = self.vat_term(x)
+            reuse = o.vat_reuse_target and not o.vat_freeze_target_bn
+            lds = self.vat_term(x, torch.softmax(logits.detach().float(), 1) if reuse else None)
         w = self.weight(step)
         loss = sup + w * (lds + o.sep_weight * (sep_l + sep_u))
         return {"loss": loss, "sup": sup.detach(), "lds": lds.detach(), "sep_l": sep_l.detach(),

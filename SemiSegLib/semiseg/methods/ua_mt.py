@@ -1,7 +1,7 @@
 """UA-MT, uncertainty-aware Mean Teacher (Yu et al., MICCAI 2019), METHODS.md §6.3.
 
-The teacher's epistemic uncertainty from T stochastic passes (dropout on, fresh input noise each,
-run as T/2 passes of the doubled batch) masks the consistency to voxels with entropy below
+The teacher's epistemic uncertainty from T stochastic passes (dropout on, fresh input noise each;
+the code runs T/2 passes of the doubled batch, SemiSeg all T copies in one pass by default) masks the consistency to voxels with entropy below
 ``H(t) = (0.75 + 0.25·sigmoid_rampup(it, max_it))·ln 2``; consistency = Σ m·(s − t)² / (2·Σ m + 1e-16).
 The ln 2 and the "2" are kept for every class count, as in the code.
 """
@@ -22,6 +22,10 @@ from .common import labeled_loss, teacher_noise
 class Options(MTOptions):
     mc_passes: int = field(default=8, metadata={"help": "T, stochastic teacher passes for the uncertainty (even)"})
     threshold_base: float = field(default=0.75, metadata={"help": "uncertainty threshold start, as a fraction of ln 2"})
+    mc_copies_per_pass: int = field(default=0, metadata={
+        "help": "unlabeled-batch copies per teacher forward: 0 = all T in one forward (ours: one large pass, same "
+                "dropout and noise draws per copy; BatchNorm's batch statistics pool T noisy copies instead of 2), "
+                "2 = the code's T/2 passes of the doubled batch"})
 
 
 def uncertainty_threshold(step: int, iterations: int, base: float = 0.75) -> float:
@@ -47,12 +51,15 @@ class UAMT(MeanTeacher):
     option_presets = MT_PRESETS
 
     def mc_probs(self, u: torch.Tensor) -> torch.Tensor:
+        """(T, B, C, *S) teacher softmax samples, each copy of ``u`` with its own noise and dropout masks,
+        ``mc_copies_per_pass`` copies per forward (fewer, larger passes cost less per image on a CPU)."""
         o = self.options
-        doubled = u.repeat(2, *([1] * (u.dim() - 1)))
+        per_pass = max(o.mc_copies_per_pass, 0) or o.mc_passes
         outs = []
         with torch.no_grad():
-            for _ in range(o.mc_passes // 2):
-                outs.append(torch.softmax(self.teacher(doubled + teacher_noise(doubled, o.noise_std, o.noise_clip)).float(), 1))
+            for first in range(0, o.mc_passes, per_pass):
+                copies = u.repeat(min(per_pass, o.mc_passes - first), *([1] * (u.dim() - 1)))
+                outs.append(torch.softmax(self.teacher(copies + teacher_noise(copies, o.noise_std, o.noise_clip)).float(), 1))
         b = u.shape[0]
         return torch.cat(outs).reshape(o.mc_passes, b, *outs[0].shape[1:])
 

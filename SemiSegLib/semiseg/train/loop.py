@@ -29,6 +29,7 @@ from ..data.datasets import DataSplits, load_dataset
 from ..data.pipeline import BatchSource
 from ..errors import CancelledError, SemiSegError
 from ..evaluation import evaluate_cases, summarize
+from ..machine import keep_freed_memory, native_bf16
 from ..methods import MethodContext, get_method
 from ..networks import build_network
 from ..schedules import ema_decay, learning_rate
@@ -77,10 +78,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def resolve_precision(precision: str, amp: bool, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None = fp32). ``auto``: bf16 on a CUDA GPU that supports it, fp16 (with loss
-    scaling) on other GPUs, fp32 on the CPU; ``amp=False`` makes ``auto`` fp32 (older configs)."""
+    scaling) on other GPUs, bf16 on a CPU with native bf16 arithmetic (:func:`semiseg.machine.native_bf16`),
+    fp32 on other CPUs; ``amp=False`` makes ``auto`` fp32 (older configs)."""
     if precision in ("", "auto"):
-        if not amp or device.type != "cuda":
+        if not amp:
             return None
+        if device.type != "cuda":
+            return torch.bfloat16 if device.type == "cpu" and native_bf16() else None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if precision == "fp32":
         return None
@@ -143,6 +147,7 @@ class Trainer:
         self.device = select_device(device_name)
         D.check_divisible(self.dist, cfg.labeled_batch,
                           cfg.unlabeled_batch if get_method(cfg.method).uses_unlabeled else 0)
+        keep_freed_memory(cfg.keep_freed_memory)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed, cfg.deterministic)  # identical on every rank: identical initial weights
