@@ -4,6 +4,7 @@ import json
 
 from semiseg.bench import bench_method
 from semiseg.config import resolve_config
+from semiseg.machine import native_bf16
 from semiseg_trainer.cli import main
 
 TINY = ["--data", "phantom:6", "--labeled", "2", "--patch-size", "32", "32", "--labeled-batch", "2",
@@ -32,7 +33,11 @@ def test_bench_json_and_table(tmp_path, capsys):
         assert r["inference_volumes"] == 1 and r["inference_s_per_volume"] > 0
         assert r["offset"] == resolve_config({"data": "phantom:6", "method": r["method"]}).iterations // 2
     sup, mt = doc["results"]
-    assert sup["unlabeled_batch"] == 0 and mt["unlabeled_batch"] == 2 and sup["precision"] == "float32"
+    auto = "bfloat16" if native_bf16() else "float32"  # precision auto on this CPU
+    assert sup["unlabeled_batch"] == 0 and mt["unlabeled_batch"] == 2 and sup["precision"] == auto
+    assert sup["channels_last"] is True and sup["machine"]["native_bf16"] == native_bf16()
+    assert f"settings: precision {auto}, channels-last on" in table  # the table names the machine and settings
+    assert any(line.startswith("machine: ") for line in lines)
 
 
 def test_bench_runs_the_training_step(tmp_path):
