@@ -16,7 +16,7 @@ from __future__ import annotations
 import tempfile
 
 from semiseg.config import matched_supervised
-from semiseg.planning import plan_training
+from semiseg.run import prepare_run
 from semiseg.train.loop import Trainer
 
 SEEDS = (1337, 1, 2)
@@ -30,11 +30,11 @@ def method_and_baseline(method: str, seed: int, iterations: int, **explicit) -> 
     Data that is planned like a user's folder (``phantom_ct``) is planned once and shared by both runs."""
     dice = {}
     with tempfile.TemporaryDirectory() as d:
-        cfg, planned, _ = plan_training(dict(PROTOCOL, method=method, seed=seed, iterations=iterations,
-                                             val_every=max(100, iterations // 8), cache_dir=f"{d}/cache",
-                                             **explicit), {}, f"{d}/plan")
+        cfg, data, _ = prepare_run(dict(PROTOCOL, method=method, seed=seed, iterations=iterations,
+                                        val_every=max(100, iterations // 8), cache_dir=f"{d}/cache",
+                                        **explicit), {}, f"{d}/plan")
         for run in (cfg, matched_supervised(cfg)):
-            dice[run.method] = Trainer(run, f"{d}/{run.method}", data=planned).run()["best_val_dice"]
+            dice[run.method] = Trainer(run, f"{d}/{run.method}", data=data).run()["best_val_dice"]
     return dice[method], dice["supervised"]
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from semiseg import benchmark as B
 from semiseg.config import resolve_config
+from semiseg.run import load_run_data
 from semiseg.errors import SemiSegError
 from semiseg.evaluation import CaseResult, summarize
 from semiseg.train.loop import Trainer
@@ -173,7 +174,8 @@ def grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     specs = B.plan_grid("phantom:6", ["supervised"], [2], B.derive_seeds(2), out, TINY)
     done, killed = specs
-    Trainer(resolve_config(done.explicit), done.dir).run()
+    run_cfg = resolve_config(done.explicit)
+    Trainer(run_cfg, done.dir, load_run_data(run_cfg)).run()
     polls = {"n": 0}
 
     def kill():
@@ -183,7 +185,8 @@ def grid(tmp_path_factory):
         return False
 
     with pytest.raises(Killed):
-        Trainer(resolve_config(killed.explicit), killed.dir, should_stop=kill).run()
+        run_cfg = resolve_config(killed.explicit)
+        Trainer(run_cfg, killed.dir, load_run_data(run_cfg), should_stop=kill).run()
     return out, specs
 
 

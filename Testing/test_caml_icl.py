@@ -9,6 +9,7 @@ import torch
 
 from semiseg.checkpoint import load_checkpoint
 from semiseg.config import resolve_config
+from semiseg.run import load_run_data
 from semiseg.data.pipeline import Batch
 from semiseg.errors import SemiSegError
 from semiseg.losses import supervised_loss
@@ -258,7 +259,8 @@ def test_caml_resume_restores_the_memory_bank(tmp_path):
     cfg = {"data": "phantom:4", "labeled": 2, "patch_size": (32, 32), "labeled_batch": 2, "unlabeled_batch": 2,
            "iterations": 4, "checkpoint_every": 2, "val_every": 0, "log_every": 2, "deterministic": True,
            "device": "cpu", "threads": 1, "method": "caml", "method_options": {"memory_per_class": 8}}
-    Trainer(resolve_config(cfg), tmp_path / "a").run()
+    run_cfg = resolve_config(cfg)
+    Trainer(run_cfg, tmp_path / "a", load_run_data(run_cfg)).run()
     n = {"k": 0}
 
     def stop():
@@ -266,8 +268,10 @@ def test_caml_resume_restores_the_memory_bank(tmp_path):
         return n["k"] == 4  # cancel at the start of iteration 3
 
     with pytest.raises(CancelledError):
-        Trainer(resolve_config(cfg), tmp_path / "b", should_stop=stop).run()
-    Trainer(resolve_config(cfg), tmp_path / "b").run(resume=True)
+        run_cfg = resolve_config(cfg)
+        Trainer(run_cfg, tmp_path / "b", load_run_data(run_cfg), should_stop=stop).run()
+    run_cfg = resolve_config(cfg)
+    Trainer(run_cfg, tmp_path / "b", load_run_data(run_cfg)).run(resume=True)
     a = load_checkpoint(tmp_path / "a" / "last.pt")["training"]["method"]
     b = load_checkpoint(tmp_path / "b" / "last.pt")["training"]["method"]
     assert a.keys() == b.keys() and "memory._extra_state" in a
@@ -288,7 +292,8 @@ def test_caml_3d_on_phantom_volumes_end_to_end(tmp_path):
            "unlabeled_batch": 1, "iterations": 2, "val_every": 0, "log_every": 1, "checkpoint_every": 100,
            "deterministic": True, "device": "cpu", "threads": 1, "method": "caml",
            "method_options": {"memory_per_class": 16}}
-    summary = Trainer(resolve_config(cfg), tmp_path).run()
+    run_cfg = resolve_config(cfg)
+    summary = Trainer(run_cfg, tmp_path, load_run_data(run_cfg)).run()
     assert 0.0 <= summary["val"]["mean"]["dice"] <= 1.0
     ck = load_checkpoint(tmp_path / "best.pt")
     assert ck["network"]["name"] == "vnet" and ck["network"]["upsampling"] == "transpose"
@@ -457,7 +462,7 @@ def test_icl_checkpoint_is_a_plain_unet(tmp_path):
            "device": "cpu", "threads": 1, "method": "icl"}
     resolved = resolve_config(cfg)
     assert tuple(resolved.method_options["train_size"]) == (32, 32)
-    Trainer(resolved, tmp_path).run()
+    Trainer(resolved, tmp_path, load_run_data(resolved)).run()
     ck = load_checkpoint(tmp_path / "best.pt")
     assert ck["network"]["name"] == "unet" and ck["network"]["upsampling"] == "transpose"
     assert set(ck["model"]) == set(build_network("unet", num_classes=4).state_dict())

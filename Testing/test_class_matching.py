@@ -241,6 +241,7 @@ def test_class_map_rejected_for_builtin_data():
 def test_training_loop_uses_class_map(tmp_path):
     from semiseg.checkpoint import load_checkpoint
     from semiseg.config import resolve_config
+    from semiseg.run import load_run_data
     from semiseg.train.loop import Trainer
     d = tmp_path / "data"
     write_case(d, 0, NAMES)
@@ -249,8 +250,10 @@ def test_training_loop_uses_class_map(tmp_path):
            "labeled_batch": 2, "iterations": 2, "val_every": 0, "device": "cpu", "threads": 1,
            "deterministic": True, "stride": (8, 8, 8)}
     with pytest.raises(SemiSegError, match="label files disagree on the classes"):
-        Trainer(resolve_config(cfg), tmp_path / "a").run()
-    Trainer(resolve_config(dict(cfg, class_map="LV cavity=left ventricle")), tmp_path / "b").run()
+        run_cfg = resolve_config(cfg)
+        Trainer(run_cfg, tmp_path / "a", load_run_data(run_cfg)).run()
+    run_cfg = resolve_config(dict(cfg, class_map="LV cavity=left ventricle"))
+    Trainer(run_cfg, tmp_path / "b", load_run_data(run_cfg)).run()
     meta = load_checkpoint(tmp_path / "b" / "best.pt")["meta"]
     assert [(c["value"], c["name"]) for c in meta["classes"]] == [(1, "right ventricle"), (2, "myocardium"),
                                                                   (3, "left ventricle")]

@@ -48,19 +48,20 @@ def test_unknown_keys_are_errors(tmp_path):
 
 
 def test_out_of_memory_becomes_one_clear_line(tmp_path, monkeypatch):
+    from semiseg.run import load_run_data
     from semiseg.train.loop import Trainer
     cfg = resolve_config({"data": "phantom:4", "labeled": 2, "patch_size": (32, 32), "iterations": 3,
                           "method": "supervised", "device": "cpu"})
-    t = Trainer(cfg, tmp_path)
+    t = Trainer(cfg, tmp_path, load_run_data(cfg))
 
     def boom(batch, step):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    orig_setup = t._setup
+    orig_setup = t.setup
 
     def setup():
         orig_setup()
         t.method.losses = boom
-    t._setup = setup
+    t.setup = setup
     with pytest.raises(SemiSegError, match=r"out of GPU memory at iteration 0 \(patch \(32, 32\), batch 4\+4\)"):
         t.run()
 

@@ -271,12 +271,14 @@ def test_training_with_prefetch_resumes_bit_exact_like_without(tmp_path):
     """A run with the prefetch thread, cancelled and resumed, ends with the very weights of a plain run."""
     from semiseg.checkpoint import load_checkpoint
     from semiseg.config import resolve_config
+    from semiseg.run import load_run_data
     from semiseg.errors import CancelledError
     from semiseg.train.loop import Trainer
     tiny = {"data": "phantom:6", "labeled": 2, "patch_size": (32, 32), "labeled_batch": 2, "unlabeled_batch": 2,
             "iterations": 8, "checkpoint_every": 4, "val_every": 0, "log_every": 2, "deterministic": True,
             "device": "cpu", "threads": 1, "method": "mean_teacher"}
-    Trainer(resolve_config(tiny), tmp_path / "a").run()
+    run_cfg = resolve_config(tiny)
+    Trainer(run_cfg, tmp_path / "a", load_run_data(run_cfg)).run()
     polls = {"n": 0}
 
     def stop():
@@ -284,8 +286,10 @@ def test_training_with_prefetch_resumes_bit_exact_like_without(tmp_path):
         return polls["n"] == 6
 
     with pytest.raises(CancelledError):
-        Trainer(resolve_config(dict(tiny, prefetch=3)), tmp_path / "b", should_stop=stop).run()
-    Trainer(resolve_config(dict(tiny, prefetch=2)), tmp_path / "b").run(resume=True)
+        run_cfg = resolve_config(dict(tiny, prefetch=3))
+        Trainer(run_cfg, tmp_path / "b", load_run_data(run_cfg), should_stop=stop).run()
+    run_cfg = resolve_config(dict(tiny, prefetch=2))
+    Trainer(run_cfg, tmp_path / "b", load_run_data(run_cfg)).run(resume=True)
     import threading  # a finished or cancelled run leaves no prefetch thread behind
     assert not [t for t in threading.enumerate() if t.name == "semiseg-prefetch"]
     a = load_checkpoint(tmp_path / "a" / "last.pt")["training"]["method"]

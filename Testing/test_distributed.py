@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from semiseg.config import resolve_config
+from semiseg.run import load_run_data
 from semiseg.errors import SemiSegError
 from semiseg.train import distributed as D
 from semiseg.train.loop import Trainer
@@ -101,10 +102,11 @@ def test_two_process_training_follows_the_one_process_trajectory(tmp_path):
     on this configuration the per-iteration losses differ by at most ~2% (relative); the test allows 5%."""
     run2 = tmp_path / "ddp"
     p = torchrun("-m", "semiseg_trainer", "--json", "train", *TINY, "--out", run2, cwd=tmp_path)
-    single = Trainer(resolve_config({"data": "phantom:6", "labeled": 2, "method": "supervised",
-                                     "patch_size": (32, 32), "labeled_batch": 4, "iterations": 12,
-                                     "log_every": 1, "val_every": 6, "checkpoint_every": 6, "device": "cpu",
-                                     "threads": 1, "deterministic": True, "lr": 0.01}), tmp_path / "one")
+    run_cfg = resolve_config({"data": "phantom:6", "labeled": 2, "method": "supervised",
+                              "patch_size": (32, 32), "labeled_batch": 4, "iterations": 12,
+                              "log_every": 1, "val_every": 6, "checkpoint_every": 6, "device": "cpu",
+                              "threads": 1, "deterministic": True, "lr": 0.01})
+    single = Trainer(run_cfg, tmp_path / "one", load_run_data(run_cfg))
     single.run()
 
     def events(run):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from semiseg.config import resolve_config
+from semiseg.run import load_run_data
 from semiseg.errors import SemiSegError
 from semiseg.train.loop import Trainer, resolve_precision
 
@@ -27,8 +28,9 @@ def test_bf16_autocast_reaches_the_network():
     """The training step runs the student's convolutions in bfloat16 under precision=bf16, fp32 otherwise."""
     seen = {}
     for prec in ("bf16", "fp32"):
-        tr = Trainer(resolve_config(dict(TINY, precision=prec)), "/nonexistent-unused")
-        tr._setup()
+        run_cfg = resolve_config(dict(TINY, precision=prec))
+        tr = Trainer(run_cfg, "/nonexistent-unused", load_run_data(run_cfg))
+        tr.setup()
         conv = next(m for m in tr.method.student.modules() if isinstance(m, torch.nn.Conv2d))
         def hook(module, inputs, output, p=prec):
             seen.setdefault(p, output.dtype)  # returns None: the output is left unchanged
@@ -51,7 +53,7 @@ def test_bf16_training_matches_fp32_dice():
                               "device": "cpu", "threads": 1, "deterministic": True, "precision": prec, "lr": 0.03})
         import tempfile
         with tempfile.TemporaryDirectory() as d:
-            dice[prec] = Trainer(cfg, d).run()["val"]["mean"]["dice"]
+            dice[prec] = Trainer(cfg, d, load_run_data(cfg)).run()["val"]["mean"]["dice"]
     assert dice["fp32"] > 0.6 and dice["bf16"] > 0.6, dice  # both learned: the comparison is not vacuous
     assert abs(dice["fp32"] - dice["bf16"]) < 0.03, dice
 
@@ -59,8 +61,8 @@ def test_bf16_training_matches_fp32_dice():
 def _step_without_dropout(cfg, out, step=0):
     """Set up a Trainer, switch dropout off (its masks are drawn in memory order, so they differ between
     layouts), run one training step; returns the trainer, its loss terms and the student's flat gradient."""
-    tr = Trainer(cfg, out)
-    tr._setup()
+    tr = Trainer(cfg, out, load_run_data(cfg))
+    tr.setup()
     for m in tr.method.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -105,10 +107,12 @@ def test_bf16_step_is_within_tolerance_of_fp32(tmp_path):
 
 
 def test_compile_keeps_checkpoint_keys_plain(tmp_path):
-    plain = Trainer(resolve_config(TINY), tmp_path / "a")
-    plain._setup()
-    comp = Trainer(resolve_config(dict(TINY, compile=True)), tmp_path / "b")
-    comp._setup()  # nn.Module.compile is lazy: nothing is compiled until the first forward
+    run_cfg = resolve_config(TINY)
+    plain = Trainer(run_cfg, tmp_path / "a", load_run_data(run_cfg))
+    plain.setup()
+    run_cfg = resolve_config(dict(TINY, compile=True))
+    comp = Trainer(run_cfg, tmp_path / "b", load_run_data(run_cfg))
+    comp.setup()  # nn.Module.compile is lazy: nothing is compiled until the first forward
     assert comp.method.student._compiled_call_impl is not None
     keys = list(comp._model_payload(0, {})["model"])
     assert keys == list(plain._model_payload(0, {})["model"])

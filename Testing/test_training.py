@@ -12,6 +12,7 @@ import torch
 
 from semiseg.checkpoint import load_checkpoint
 from semiseg.config import resolve_config
+from semiseg.run import load_run_data
 from semiseg.errors import CancelledError, SemiSegError
 from semiseg.train.loop import Trainer
 
@@ -35,7 +36,8 @@ def test_resume_equals_uninterrupted_training(tmp_path, method):
     cfg = dict(TINY, method=method)
     if method == "ua_mt":
         cfg["method_options"] = {"mc_passes": 2}
-    Trainer(resolve_config(cfg), tmp_path / "a").run()
+    run_cfg = resolve_config(cfg)
+    Trainer(run_cfg, tmp_path / "a", load_run_data(run_cfg)).run()
     stop_at = {"n": 0}
 
     def stop():  # cancel at the start of iteration 5 (after 5 polls)
@@ -43,9 +45,11 @@ def test_resume_equals_uninterrupted_training(tmp_path, method):
         return stop_at["n"] == 6
 
     with pytest.raises(CancelledError):
-        Trainer(resolve_config(cfg), tmp_path / "b", should_stop=stop).run()
+        run_cfg = resolve_config(cfg)
+        Trainer(run_cfg, tmp_path / "b", load_run_data(run_cfg), should_stop=stop).run()
     assert load_checkpoint(tmp_path / "b" / "last.pt")["training"]["step"] == 5
-    Trainer(resolve_config(cfg), tmp_path / "b").run(resume=True)
+    run_cfg = resolve_config(cfg)
+    Trainer(run_cfg, tmp_path / "b", load_run_data(run_cfg)).run(resume=True)
     a = load_checkpoint(tmp_path / "a" / "last.pt")["training"]["method"]
     b = load_checkpoint(tmp_path / "b" / "last.pt")["training"]["method"]
     assert a.keys() == b.keys()
@@ -56,7 +60,8 @@ def test_resume_equals_uninterrupted_training(tmp_path, method):
 
 
 def test_checkpoint_holds_what_segmentation_needs(tmp_path):
-    Trainer(resolve_config(dict(TINY, method="supervised")), tmp_path).run()
+    run_cfg = resolve_config(dict(TINY, method="supervised"))
+    Trainer(run_cfg, tmp_path, load_run_data(run_cfg)).run()
     ck = load_checkpoint(tmp_path / "best.pt")
     assert ck["network"]["name"] == "unet" and "training" not in ck
     assert [c["name"] for c in ck["meta"]["classes"]] == ["right ventricle", "myocardium", "left ventricle"]
@@ -153,8 +158,9 @@ def test_folder_dataset_geometry_mismatch_names_both_files(tmp_path):
             g = Geometry(g.spacing, tuple(o + 3 for o in g.origin), g.direction)
         write_segmentation(tmp_path / f"{ref.name}.seg.nrrd", lab.array, g, d.classes)
     with pytest.raises(SemiSegError, match=r"phantom_001\.seg\.nrrd.*phantom_001\.nrrd|phantom_001\.nrrd.*phantom_001\.seg\.nrrd"):
-        Trainer(resolve_config(dict(TINY, data=str(tmp_path), dim=2, labeled=2, method="supervised",
-                                    preset="phantom")), tmp_path / "run").run()
+        run_cfg = resolve_config(dict(TINY, data=str(tmp_path), dim=2, labeled=2, method="supervised",
+                                    preset="phantom"))
+        Trainer(run_cfg, tmp_path / "run", load_run_data(run_cfg)).run()
 
 
 def test_nan_image_is_rejected_with_its_name(tmp_path):

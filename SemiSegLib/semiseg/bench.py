@@ -63,7 +63,7 @@ def bench_method(cfg: TrainConfig, warmup: int = 3, iterations: int = 10, infere
     with tempfile.TemporaryDirectory(prefix="semiseg-bench-") as tmp:
         trainer = Trainer(cfg, tmp, data=data)
         try:
-            trainer._setup()
+            trainer.setup()
             return _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predict_volume, on_event)
         finally:
             trainer.close()

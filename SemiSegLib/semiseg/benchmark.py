@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Callable
 
 from .checkpoint import atomic_write_text
-from .errors import CancelledError, SemiSegError
+from .errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, CancelledError, SemiSegError
+from .presets import is_literature
 
 STD_DDOF = 1  # sample standard deviation over seeds (numpy.std(..., ddof=1)); n = 1 has no std
 BASE_SEED = 1337
@@ -162,7 +163,7 @@ def _comparable(cfg: dict) -> dict:
 def run_state(spec: RunSpec) -> str:
     """``done`` (metrics.json), ``resume`` (last.pt, no metrics.json) or ``new``; a folder trained with
     another configuration is an error."""
-    from .planning import run_config
+    from .run import run_config
     d = spec.dir
     if (d / "config.json").is_file() and ((d / "metrics.json").is_file() or (d / "last.pt").is_file()):
         want = _comparable(run_config(spec.explicit, d).to_dict())
@@ -252,9 +253,9 @@ def run_grid(specs: list[RunSpec], on_event: EventHandler | None = None, should_
 def _train_run(explicit: dict, run_dir: Path, resume: bool, on_event, should_stop) -> None:
     """One grid run, planned like `semiseg train` (users' folders get a plan.json; benchmark data keep
     their recipes)."""
-    from .planning import plan_training
+    from .run import prepare_run
     from .train.loop import Trainer
-    cfg, data, _ = plan_training(explicit, None, run_dir, resume)
+    cfg, data, _ = prepare_run(explicit, None, run_dir, resume=resume)
     Trainer(cfg, run_dir, data=data, on_event=on_event, should_stop=should_stop).run(resume=resume)
 
 
@@ -308,9 +309,9 @@ def _run_child(spec: RunSpec, resume: bool, emit: EventHandler, stop: Callable[[
             err_path.unlink()
     except OSError:
         pass
-    if code == 0:
+    if code == EXIT_OK:
         return
-    if code == 3 or signalled:
+    if code == EXIT_CANCELLED or signalled:
         raise CancelledError(f"benchmark cancelled during {spec.name} (checkpoint kept); run the same command "
                              f"again to continue")
     tail = ""
@@ -323,7 +324,7 @@ def _run_child(spec: RunSpec, resume: bool, emit: EventHandler, stop: Callable[[
 
 
 def _child_main(argv: list[str]) -> int:
-    """Entry point of a run's own process: events as JSON lines on stdout, exit 0/2/3."""
+    """Entry point of a run's own process: events as JSON lines on stdout, exit EXIT_OK/EXIT_ERROR/EXIT_CANCELLED."""
     import signal
     run_dir = Path(argv[0])
     resume = "--resume" in argv[1:]
@@ -342,13 +343,13 @@ def _child_main(argv: list[str]) -> int:
     try:
         rec = json.loads((run_dir / RUN_FILE).read_text())
         _train_run(rec["explicit"], run_dir, resume, out, lambda: flag["stop"])
-        return 0
+        return EXIT_OK
     except CancelledError as e:
         print(f"semiseg: {e}", file=sys.stderr)
-        return 3
+        return EXIT_CANCELLED
     except SemiSegError as e:
         out({"event": "error", "message": str(e)})
-        return 2
+        return EXIT_ERROR
 
 
 # ------------------------------------------------------------------------------------------ collecting runs
@@ -424,7 +425,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
     metrics = json.loads((d / "metrics.json").read_text())
     info = json.loads((d / RUN_FILE).read_text()) if (d / RUN_FILE).is_file() else {}
     base_explicit = {k: cfg[k] for k in ("data", "method", "labeled", "seed", "val_split", "test_split") if k in cfg}
-    if cfg.get("data", "").split(":", 1)[0] not in ("acdc", "la", "phantom"):
+    if not is_literature(cfg.get("data", "")):
         base_explicit["dim"] = cfg.get("dim", 0)  # a folder or CSV: the dimension picks the generic preset
     try:
         baseline = _json(resolve_config(base_explicit).to_dict())

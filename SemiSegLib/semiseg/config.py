@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SemiSegError
+from .methods import get_method
+from .presets import PRESETS, preset_for_data
+
+__all__ = ["PRESETS", "TrainConfig", "load_config_file", "matched_method", "matched_supervised",
+           "matched_supervised_explicit", "preset_for_data", "resolve_config", "validate"]
 
 
 def _h(text: str, **kw) -> dict:
@@ -102,35 +107,10 @@ class TrainConfig:
         return cls(**vals)
 
 
-# Dataset recipes (METHODS.md §0.3-0.7). The phantom preset is SemiSeg's own: small and fast.
-PRESETS: dict[str, dict[str, Any]] = {
-    "acdc": dict(dim=2, labeled=7, patch_size=(256, 256), labeled_batch=12, unlabeled_batch=12, iterations=30000,
-                 lr_schedule="poly", val_every=200, selection="val", network="unet"),
-    "la": dict(dim=3, labeled=4, patch_size=(112, 112, 80), labeled_batch=2, unlabeled_batch=2, iterations=15000,
-               lr_schedule="step", val_every=0, selection="final", network="vnet", stride=(18, 18, 4)),
-    "phantom": dict(dim=2, labeled=4, patch_size=(96, 96), labeled_batch=4, unlabeled_batch=4, iterations=600,
-                    lr_schedule="poly", lr=0.03, val_every=100, selection="val", network="unet"),
-    "generic3d": dict(dim=3, labeled=0, patch_size=(96, 96, 64), labeled_batch=2, unlabeled_batch=2, iterations=6000,
-                      lr_schedule="poly", val_every=500, selection="val", network="vnet", stride=(32, 32, 16),
-                      foreground_share=0.33),
-    "generic2d": dict(dim=2, labeled=0, patch_size=(256, 256), labeled_batch=12, unlabeled_batch=12, iterations=10000,
-                      lr_schedule="poly", val_every=200, selection="val", network="unet", foreground_share=0.33),
-}
-
-
-def preset_for_data(data: str, dim: int = 0) -> str:
-    kind = data.split(":", 1)[0]
-    if kind in ("acdc", "la", "phantom"):
-        return kind
-    return "generic2d" if dim == 2 else "generic3d"
-
-
 def resolve_config(explicit: dict[str, Any], file_values: dict[str, Any] | None = None,
                    plan_values: dict[str, Any] | None = None) -> TrainConfig:
     """Merge the layers; ``explicit`` holds only what the user set on the command line.
     ``plan_values`` (from :mod:`semiseg.planning`) sit between the method recipe and the config file."""
-    from .methods import get_method
-
     layered: dict[str, Any] = {}
     for src in (file_values or {}, explicit):
         layered.update({k: v for k, v in src.items() if k != "method_options"})
@@ -166,8 +146,6 @@ def matched_supervised(cfg: TrainConfig) -> TrainConfig:
     budget and supervised loss, only the unlabeled terms removed. A baseline with the dataset's default
     recipe differs from e.g. UniMatch in the inference resize (nearest vs bilinear: +3.4 Dice points on
     the 32x32 phantom by itself) and from SS-Net in the loss: a comparison would measure those."""
-    from .methods import get_method
-
     options = dataclasses.asdict(get_method("supervised").default_options(cfg.preset, cfg.dim))
     options.update(get_method(cfg.method).baseline_supervised_loss(dict(cfg.method_options), cfg.dim))
     values = dataclasses.asdict(cfg)

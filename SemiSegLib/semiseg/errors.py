@@ -1,4 +1,9 @@
-"""User-facing errors: one clear line that names the file, node or option at fault."""
+"""User-facing errors: one clear line that names the file, node or option at fault, and the exit codes
+every SemiSeg process ends with (the command line, the Slicer job protocol, the benchmark's child runs)."""
+
+EXIT_OK = 0
+EXIT_ERROR = 2        # a SemiSegError: one line `semiseg: error: ...`
+EXIT_CANCELLED = 3    # stopped on request (Ctrl-C, SIGTERM, CANCEL file); the last checkpoint is valid
 
 
 class SemiSegError(Exception):

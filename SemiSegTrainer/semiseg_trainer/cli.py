@@ -66,18 +66,17 @@ def _report_plan(reporter, plan, path=None) -> None:
 
 
 def cmd_train(ns, reporter) -> int:
-    from semiseg.config import load_config_file, matched_supervised
-    from semiseg.planning import plan_training
+    from semiseg.config import load_config_file
+    from semiseg.run import prepare_run
     from semiseg.train.loop import Trainer
     out = Path(ns.out)
     file_values = load_config_file(ns.config) if getattr(ns, "config", None) else {}
     # users' own scans are planned (OUT/plan.json); benchmark datasets keep their recipes (plan=auto)
     # under torchrun only rank 0 writes OUT/plan.json and reports (the plan is deterministic on every rank)
     rank0 = int(os.environ.get("RANK", "0") or 0) == 0
-    cfg, data, _ = plan_training(split_args(ns), file_values, out if rank0 else None, ns.resume,
-                                 on_plan=(lambda p: _report_plan(reporter, p, out / "plan.json")) if rank0 else None)
-    if ns.baseline:
-        cfg = matched_supervised(cfg)
+    cfg, data, _ = prepare_run(split_args(ns), file_values, out, resume=ns.resume, baseline=ns.baseline,
+                               write_plan=rank0,
+                               on_plan=(lambda p: _report_plan(reporter, p, out / "plan.json")) if rank0 else None)
     stop = StopFlag(out)
     summary = Trainer(cfg, out, data=data, on_event=reporter, should_stop=stop).run(resume=ns.resume)
     if not reporter.json and rank0:
@@ -190,19 +189,17 @@ def cmd_evaluate(ns, reporter) -> int:
 
 # ------------------------------------------------------------------------------------------ demo
 def cmd_demo(ns, reporter) -> int:
-    from semiseg.config import resolve_config
     from semiseg.data.io import read_label, write_segmentation, write_volume
-    from semiseg.data.datasets import load_dataset
     from semiseg.metrics import dice_per_class_fast
     from semiseg.predict import Segmenter
+    from semiseg.run import prepare_run
     from semiseg.train.loop import Trainer, select_device
 
     out = Path(ns.out)
     explicit = {"data": "phantom", "method": ns.method, "device": ns.device}
     if ns.iterations:
         explicit["iterations"] = ns.iterations
-    cfg = resolve_config(explicit)
-    data = load_dataset("phantom", cfg.labeled)
+    cfg, data, _ = prepare_run(explicit)
     print(f"SemiSeg demo: {cfg.method} on the built-in phantom ({data.summary()}), {cfg.iterations} iterations")
     summary = Trainer(cfg, out / "run", data=data, on_event=reporter, should_stop=StopFlag(out / "run")).run(resume=ns.resume)
     # held-out phantom volumes written as files, segmented through the same path a user's scans take
@@ -253,38 +250,6 @@ def cmd_run(ns, reporter) -> int:
         print(f"semiseg: error: {message}", file=sys.stderr)
         return protocol.EXIT_ERROR
 
-    def job_data(dataset: dict, cfg):
-        """DataSplits from the job's case list and fixed class table (no class inference from files)."""
-        from semiseg.data.datasets import DataSplits, _file_refs
-        from semiseg.data.volume import ClassInfo
-        classes = [ClassInfo.from_dict(c) for c in dataset.get("classes", [])]
-        values = [c.value for c in classes]
-        if not classes or len(set(values)) != len(values) or min(values) < 1:
-            raise SemiSegError(f"{spec_path}: the class table needs distinct positive label values "
-                               f"({', '.join(f'{c.value}: {c.name}' for c in classes) or 'empty'})")
-        holder = {"classes": classes}
-        split: dict[str, list] = {"labeled": [], "unlabeled": [], "val": []}
-        for c in dataset.get("cases", []):
-            image = job / c["image"]
-            label = job / c["label"] if c.get("label") else None
-            for p in (image, label):
-                if p is not None and not p.is_file():
-                    raise SemiSegError(f"{spec_path}: case '{c.get('name', image.name)}' file not found: {p}")
-            kind = c.get("split", "train")
-            if kind == "val" and label is not None:
-                split["val"].append(_file_refs(image, label, holder))
-            elif label is not None:
-                split["labeled"].append(_file_refs(image, label, holder))
-            else:
-                split["unlabeled"].append(_file_refs(image, None, holder))
-        if not split["labeled"]:
-            raise SemiSegError("no labeled case for training: add at least one segmentation with its source volume "
-                               "(cases kept for validation do not count)")
-        return DataSplits(kind="files", dim=cfg.dim, classes=classes, labeled=split["labeled"],
-                          unlabeled=split["unlabeled"], val=split["val"], normalization="zscore",
-                          description=f"Slicer job {job.name}: {len(split['labeled'])} labeled, "
-                                      f"{len(split['unlabeled'])} unlabeled, {len(split['val'])} validation")
-
     from semiseg.errors import CancelledError, SemiSegError
     spec_path = job / protocol.JOB_FILE
     try:
@@ -297,10 +262,15 @@ def cmd_run(ns, reporter) -> int:
         task = spec.get("task", "train")
         if task == "train":
             from semiseg.config import resolve_config
-            from semiseg.planning import plan_training
+            from semiseg.data.datasets import load_case_list
+            from semiseg.run import prepare_run
             from semiseg.train.loop import Trainer
             explicit, resume = spec.get("config", {}), bool(spec.get("resume"))
-            data = job_data(spec["dataset"], resolve_config(explicit)) if spec.get("dataset") else None
+            data = None
+            if spec.get("dataset"):  # the job's case list and fixed class table (no class inference from files)
+                ds = spec["dataset"]
+                data = load_case_list(ds.get("cases", []), ds.get("classes", []), job, resolve_config(explicit).dim,
+                                      spec_path)
 
             pending: list[dict] = []
 
@@ -315,8 +285,8 @@ def cmd_run(ns, reporter) -> int:
                         tee(p)
                     pending.clear()
 
-            cfg, planned, _ = plan_training(explicit, None, job / "run", resume, on_plan=on_plan, data=data)
-            Trainer(cfg, job / "run", data=planned or data, on_event=on_event,
+            cfg, data, _ = prepare_run(explicit, None, job / "run", resume=resume, data=data, on_plan=on_plan)
+            Trainer(cfg, job / "run", data=data, on_event=on_event,
                     should_stop=StopFlag(job)).run(resume=resume)
             return protocol.EXIT_OK
         if task == "segment":
@@ -481,9 +451,8 @@ def cmd_bench(ns, reporter) -> int:
     import shlex
     from semiseg.bench import bench_method, format_bench_table, write_bench_json
     from semiseg.config import resolve_config
-    from semiseg.data.datasets import load_dataset
     from semiseg.errors import SemiSegError
-    from semiseg.planning import plan_training
+    from semiseg.run import load_run_data, prepare_run
     methods = [m for m in ns.method.replace(" ", "").split(",") if m]
     if not methods:
         raise SemiSegError("--method is empty")
@@ -496,13 +465,10 @@ def cmd_bench(ns, reporter) -> int:
     rows, raw = [], None
     for m in methods:
         explicit = {**common, "data": ns.data, "method": m, **({"method_options": sets[m]} if m in sets else {})}
-        cfg = resolve_config(explicit)
         if raw is None:  # the same cases for every method: loaded once
-            raw = load_dataset(cfg.data, cfg.labeled, cfg.val_split or None, cfg.test_split or None,
-                               explicit.get("dim") or None, class_map=cfg.class_map)
+            raw = load_run_data(resolve_config(explicit), explicit.get("dim") or None)
         # users' folders are planned as `semiseg train` plans them (no plan.json written)
-        cfg, planned, _ = plan_training(explicit, None, None, False, data=raw)
-        data = planned if planned is not None else raw
+        cfg, data, _ = prepare_run(explicit, data=raw)
         if not reporter.json:
             print(f"bench {m}: {ns.warmup} warm-up + {ns.bench_iterations} measured iterations ...", flush=True)
         rows.append(bench_method(cfg, ns.warmup, ns.bench_iterations, ns.inference_volumes, ns.offset, data=data,

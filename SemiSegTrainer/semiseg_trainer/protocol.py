@@ -29,10 +29,8 @@ JOB_FILE = "job.json"
 EVENTS_FILE = "events.jsonl"
 SCHEMA_VERSION = 1
 
-# exit codes of the trainer process
-EXIT_OK = 0
-EXIT_ERROR = 2
-EXIT_CANCELLED = 3
+# exit codes of the trainer process (defined by the engine, shared with the benchmark's child runs)
+from semiseg.errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK  # noqa: E402,F401
 
 # final states of a job as the module sees it
 COMPLETED, CANCELLED, FAILED = "completed", "cancelled", "failed"

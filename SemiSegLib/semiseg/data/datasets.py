@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import SemiSegError
+from ..presets import LITERATURE_DATASETS
 from .volume import ClassInfo, Geometry, Volume
 
 ACDC_CLASSES = [ClassInfo(1, "right ventricle", (0.85, 0.35, 0.25)),
@@ -271,6 +272,39 @@ def _file_refs(image: Path, label: Path | None, classes_holder: dict) -> CaseRef
                    tuple(str(p) for p in (image, label) if p is not None), label_key)
 
 
+def load_case_list(cases: list[dict], classes: list[dict], base: Path, dim: int, source: str | Path) -> DataSplits:
+    """Splits from an explicit case list with a fixed class table (the Slicer job's ``dataset``; no class
+    inference from files). A case is ``{name, image, label?, split?}`` with paths relative to ``base``;
+    ``split`` ``val`` with a label validates, a label otherwise trains, no label is unlabeled."""
+    table = [ClassInfo.from_dict(c) for c in classes]
+    values = [c.value for c in table]
+    if not table or len(set(values)) != len(values) or min(values) < 1:
+        raise SemiSegError(f"{source}: the class table needs distinct positive label values "
+                           f"({', '.join(f'{c.value}: {c.name}' for c in table) or 'empty'})")
+    holder = {"classes": table}
+    split: dict[str, list] = {"labeled": [], "unlabeled": [], "val": []}
+    for c in cases:
+        image = base / c["image"]
+        label = base / c["label"] if c.get("label") else None
+        for p in (image, label):
+            if p is not None and not p.is_file():
+                raise SemiSegError(f"{source}: case '{c.get('name', image.name)}' file not found: {p}")
+        kind = c.get("split", "train")
+        if kind == "val" and label is not None:
+            split["val"].append(_file_refs(image, label, holder))
+        elif label is not None:
+            split["labeled"].append(_file_refs(image, label, holder))
+        else:
+            split["unlabeled"].append(_file_refs(image, None, holder))
+    if not split["labeled"]:
+        raise SemiSegError("no labeled case for training: add at least one segmentation with its source volume "
+                           "(cases kept for validation do not count)")
+    return DataSplits(kind="files", dim=dim, classes=table, labeled=split["labeled"], unlabeled=split["unlabeled"],
+                      val=split["val"], normalization="zscore",
+                      description=f"Slicer job {base.name}: {len(split['labeled'])} labeled, "
+                                  f"{len(split['unlabeled'])} unlabeled, {len(split['val'])} validation")
+
+
 def load_files(spec: str, labeled: int | None, dim: int, class_map="") -> DataSplits:
     """A folder (``X.nrrd`` + ``X.seg.nrrd``/``X.label.nrrd``/``X_label.nii.gz``; unpaired images are unlabeled)
     or a CSV with columns image,label[,split]. Classes are matched across all label files (segment names,
@@ -335,7 +369,7 @@ def load_dataset(spec: str, labeled: int | None = None, val_split: str | None = 
     """Resolve a dataset name into its splits (see the module docstring). ``class_map`` matches classes
     across the label files of a folder/CSV (:func:`semiseg.data.io.parse_class_map`)."""
     kind, _, arg = spec.partition(":")
-    if class_map and kind in ("acdc", "la", "phantom", "phantom_ct"):
+    if class_map and kind in LITERATURE_DATASETS + ("phantom_ct",):  # fixed class tables
         raise SemiSegError(f"class_map applies to a folder or CSV of label files, not to the built-in '{kind}' data")
     if kind == "acdc":
         return load_acdc(Path(os.path.expanduser(arg)), labeled or 7, val_split, test_split)

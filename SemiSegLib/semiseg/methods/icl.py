@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..config import PRESETS as DATA_PRESETS
+from ..presets import PRESETS as DATA_PRESETS
 from ..errors import SemiSegError
 from ..losses import dice_loss_multiclass, supervised_loss
 from ..networks import SIZE_DIVISOR

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import SemiSegError
 from ..networks import DOWNSAMPLINGS, SIZE_DIVISOR, bottleneck_values
+from ..presets import LITERATURE_DATASETS
 from .fingerprint import Fingerprint
 
 PLAN_VERSION = 1
@@ -274,7 +275,7 @@ def make_plan(fp: Fingerprint, device: str = "auto", memory_budget_gb: float = 0
     plan = Plan(dataset=fp.dataset, kind=fp.kind, cases=len(fp.cases), labeled_cases=sum(c.labeled for c in fp.cases))
     plan.overrides = sorted(ov)
     ncls = fp.num_classes + 1
-    if fp.kind in ("acdc", "la", "phantom"):
+    if fp.kind in LITERATURE_DATASETS:
         plan.notes.append("benchmark dataset: `semiseg train` keeps its literature recipe (plan=auto); "
                           "this plan is for information or use with --plan PATH")
 

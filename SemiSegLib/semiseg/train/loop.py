@@ -25,7 +25,7 @@ import torch
 
 from ..checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from ..config import TrainConfig
-from ..data.datasets import DataSplits, load_dataset
+from ..data.datasets import DataSplits
 from ..data.pipeline import BatchSource
 from ..errors import CancelledError, SemiSegError
 from ..evaluation import evaluate_cases, summarize
@@ -118,17 +118,17 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float)
 
 
 class Trainer:
-    """Train ``cfg.method`` on ``cfg.data`` into ``out_dir`` (config.json, best.pt, last.pt,
-    progress.jsonl, metrics.json)."""
+    """Train ``cfg.method`` on ``data`` into ``out_dir`` (config.json, best.pt, last.pt, progress.jsonl,
+    metrics.json). ``cfg`` and ``data`` come from :func:`semiseg.run.prepare_run`."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: str | Path, data: DataSplits | None = None,
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, data: DataSplits,
                  on_event: EventHandler | None = None, should_stop: Callable[[], bool] | None = None):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.data = data
         self.on_event = on_event
         self.should_stop = should_stop or (lambda: False)
-        self.dist = D.DistInfo()  # set by _setup (several processes under torchrun)
+        self.dist = D.DistInfo()  # set by setup (several processes under torchrun)
 
     # ------------------------------------------------------------------------------ events
     def emit(self, event: str, **fields) -> None:
@@ -141,7 +141,9 @@ class Trainer:
             self.on_event(rec)
 
     # ------------------------------------------------------------------------------ set-up
-    def _setup(self):
+    def setup(self):
+        """Device, seeds, network, method, optimiser and batch source; ``run`` calls it (and ``semiseg bench``,
+        which times single steps)."""
         cfg = self.cfg
         self.dist, device_name = D.setup(cfg.device)
         self.device = select_device(device_name)
@@ -151,9 +153,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed, cfg.deterministic)  # identical on every rank: identical initial weights
-        data = self.data or load_dataset(cfg.data, cfg.labeled, cfg.val_split or None, cfg.test_split or None, cfg.dim,
-                                         class_map=cfg.class_map)
-        self.data = data
+        data = self.data
         method_cls = get_method(cfg.method)
         if method_cls.uses_unlabeled and not data.unlabeled:
             raise SemiSegError(f"method '{cfg.method}' needs unlabeled images but {cfg.data} has none "
@@ -313,14 +313,14 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        """Release what ``_setup`` started: the batch source's prefetch thread and the process group."""
+        """Release what ``setup`` started: the batch source's prefetch thread and the process group."""
         if getattr(self, "source", None) is not None:
             self.source.close()
         D.teardown(self.dist)
 
     def _run(self, resume: bool) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        self._setup()
+        self.setup()
         cfg = self.cfg
         main = self.dist.is_main
         self.best, self.best_step, self.elapsed = -1.0, -1, 0.0
@@ -427,7 +427,3 @@ class Trainer:
         return {**summarize(res), "cases_detail": {r.case: r.per_class for r in res}}
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, **kw) -> dict:
-    """Convenience: ``Trainer(cfg, out_dir, ...).run(resume=...)``."""
-    resume = kw.pop("resume", False)
-    return Trainer(cfg, out_dir, **kw).run(resume=resume)

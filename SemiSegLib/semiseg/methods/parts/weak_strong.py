@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...config import PRESETS
+from ...presets import PRESETS
 from ...losses import dice_loss_multiclass
 from ..base import Method
 from ..common import SupervisedOptions, labeled_loss
