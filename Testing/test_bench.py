@@ -3,6 +3,7 @@ measured, and the table lists every method (tiny phantom configuration, CPU)."""
 import json
 
 from semiseg.bench import bench_method
+from semiseg.run import load_run_data
 from semiseg.config import resolve_config
 from semiseg.machine import native_bf16
 from semiseg_trainer.cli import main
@@ -55,7 +56,7 @@ def test_bench_runs_the_training_step(tmp_path):
 
     loop.Trainer.train_step = spy
     try:
-        r = bench_method(cfg, warmup=1, iterations=2, inference_volumes=0, offset=7)
+        r = bench_method(cfg, warmup=1, iterations=2, inference_volumes=0, offset=7, data=load_run_data(cfg))
     finally:
         loop.Trainer.train_step = orig
     assert seen == [7, 8, 9] and r["iterations"] == 2 and r["inference_s_per_volume"] is None

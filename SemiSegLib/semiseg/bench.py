@@ -55,8 +55,8 @@ def _reset_cpu_peak() -> bool:
 
 
 def bench_method(cfg: TrainConfig, warmup: int = 3, iterations: int = 10, inference_volumes: int = 2,
-                 offset: int | None = None, data=None, on_event=None) -> dict:
-    """Measure one resolved configuration. Returns a JSON-ready dict."""
+                 offset: int | None = None, *, data, on_event=None) -> dict:
+    """Measure one configuration on its data (both from :func:`semiseg.run.prepare_run`). Returns a JSON-ready dict."""
     from .inference import predict_volume
     from .train.loop import Trainer
 
