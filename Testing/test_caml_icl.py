@@ -464,7 +464,7 @@ def test_icl_checkpoint_is_a_plain_unet(tmp_path):
     assert tuple(resolved.method_options["train_size"]) == (32, 32)
     Trainer(resolved, tmp_path, load_run_data(resolved)).run()
     ck = load_checkpoint(tmp_path / "best.pt")
-    assert ck["network"]["name"] == "unet" and ck["network"]["upsampling"] == "transpose"
+    assert ck["network"]["name"] == "unet" and ck["network"]["upsampling"] == "bilinear"  # ICL's unet_icl.py
     assert set(ck["model"]) == set(build_network("unet", num_classes=4).state_dict())
     assert not any("sspa" in k or "uscl" in k for k in ck["model"])
     last = load_checkpoint(tmp_path / "last.pt")["training"]["method"]

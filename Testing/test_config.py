@@ -109,13 +109,15 @@ def test_matched_supervised_baseline_differs_from_the_method_only_in_the_unlabel
 
 def test_the_default_supervised_recipe_is_not_the_matched_baseline_of_unimatch():
     """Why the matched baseline exists: the dataset's default supervised run infers with nearest resize and
-    trains ½(CE+Dice); UniMatch's baseline keeps its bilinear logit resize and transposed-conv decoder,
+    trains ½(CE+Dice); UniMatch's baseline keeps its bilinear logit resize and the decoder it was given,
     SS-Net's its Dice-only loss and bilinear decoder."""
     from semiseg.config import matched_supervised
     default = resolve_config({"data": "phantom", "method": "supervised"})
     uni = matched_supervised(resolve_config({"data": "phantom", "method": "unimatch"}))
     ss = matched_supervised(resolve_config({"data": "phantom", "method": "ss_net"}))
-    assert (default.resize, uni.resize, uni.upsampling) == ("nearest", "bilinear", "transpose")
+    assert (default.resize, uni.resize, uni.upsampling) == ("nearest", "bilinear", "bilinear")
+    uni_t = matched_supervised(resolve_config({"data": "phantom", "method": "unimatch", "upsampling": "transpose"}))
+    assert (default.upsampling, uni_t.upsampling) == ("bilinear", "transpose")
     assert ss.method_options["sup_loss"] == "dice" and ss.upsampling == "bilinear"
     assert default.method_options["sup_loss"] == "half_ce_dice"
 
@@ -125,7 +127,7 @@ def test_train_baseline_flag_trains_the_matched_supervised_run(tmp_path):
     from semiseg_trainer.cli import main
     out = tmp_path / "run"
     assert main(["--json", "train", "--data", "phantom:3", "--labeled", "1", "--method", "unimatch", "--baseline",
-                 "--iterations", "2", "--patch-size", "32", "32", "--labeled-batch", "1", "--unlabeled-batch", "1",
+                 "--upsampling", "transpose", "--iterations", "2", "--patch-size", "32", "32", "--labeled-batch", "1", "--unlabeled-batch", "1",
                  "--val-every", "0", "--threads", "1", "--device", "cpu", "--out", str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["method"], cfg["resize"], cfg["upsampling"]) == ("supervised", "bilinear", "transpose")

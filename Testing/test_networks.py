@@ -57,3 +57,21 @@ def test_vnet_dropout_only_in_training():
     assert not torch.equal(net(x), net(x))  # Dropout3d(0.5) on x5 and x9
     logits, f = net(x, return_features=True)
     assert f.embedding.shape == (1, 16, 32, 32, 16) and logits.shape == (1, 2, 32, 32, 16)
+
+
+REFERENCE_2D_METHODS = ("supervised", "mean_teacher", "ua_mt", "fixmatch", "unimatch", "agp", "icl", "icl_lite",
+                        "ss_net", "lcc")
+
+
+def test_each_reference_2d_method_defaults_to_the_bilinear_unet_of_its_reference():
+    """SSL4MIS's Decoder never selects the transposed branch of UpBlock; UniMatch, AIGC-Match, ICL and SS-Net
+    copy it: every 2D reference trains the 1,813,764-parameter network at 4 classes, on every 2D preset."""
+    from semiseg.config import resolve_config
+    for method in REFERENCE_2D_METHODS:
+        for preset in ("acdc", "phantom", "generic2d"):
+            cfg = resolve_config({"method": method, "preset": preset, "data": "phantom"})
+            net = build_network(cfg.network, num_classes=4, upsampling=cfg.upsampling)
+            assert (method, preset, count_parameters(net)) == (method, preset, 1_813_764)
+    # the transposed variant stays available
+    cfg = resolve_config({"method": "agp", "preset": "acdc", "data": "phantom", "upsampling": "transpose"})
+    assert count_parameters(build_network("unet", num_classes=4, upsampling=cfg.upsampling)) == 1_944_324

@@ -291,7 +291,7 @@ def test_strong_views_take_the_mix_batch_pixels_exactly_inside_the_region(name, 
 def test_recipe_and_options_of_the_family():
     for name, tau in (("fixmatch", 0.95), ("unimatch", 0.95), ("agp", 0.9)):
         cfg = resolve_config({"data": "acdc:/nonexistent", "method": name})
-        assert (cfg.upsampling, cfg.resize, cfg.lr_schedule, cfg.lr) == ("transpose", "bilinear", "poly", 0.01)
+        assert (cfg.upsampling, cfg.resize, cfg.lr_schedule, cfg.lr) == ("bilinear", "bilinear", "poly", 0.01)
         assert (cfg.labeled_batch, cfg.unlabeled_batch, cfg.iterations) == (12, 12, 300 * (1176 // 12))
         assert cfg.method_options["conf_thresh"] == tau
         assert get_method(name).extra_unlabeled_streams == 1
@@ -318,13 +318,13 @@ TINY = {"data": "phantom:3", "labeled": 1, "patch_size": (32, 32), "labeled_batc
         "device": "cpu", "threads": 1}
 
 
-def test_agp_trains_and_saves_a_plain_transpose_unet_with_bilinear_inference(tmp_path):
+def test_agp_trains_and_saves_a_plain_bilinear_unet_with_bilinear_inference(tmp_path):
     from semiseg.data.datasets import load_phantom
     Trainer(resolve_config(dict(TINY, method="agp")), tmp_path, data=load_phantom(3, 1, n_val=1, n_test=0)).run()
     ck = load_checkpoint(tmp_path / "best.pt")
-    assert ck["network"]["name"] == "unet" and ck["network"]["upsampling"] == "transpose"
+    assert ck["network"]["name"] == "unet" and ck["network"]["upsampling"] == "bilinear"  # AIGC-Match model/unet.py
     assert ck["meta"]["resize"] == "bilinear" and "training" not in ck
-    assert set(ck["model"]) == set(build_network("unet", num_classes=4, upsampling="transpose").state_dict())
+    assert set(ck["model"]) == set(build_network("unet", num_classes=4, upsampling="bilinear").state_dict())
 
 
 # ------------------------------------------------------------------------------------ against supervised

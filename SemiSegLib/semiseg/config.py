@@ -136,6 +136,9 @@ def resolve_config(explicit: dict[str, Any], file_values: dict[str, Any] | None 
     cfg.method_options = opts
     if not cfg.network:
         cfg.network = "unet" if cfg.dim == 2 else "vnet"
+    if not cfg.upsampling:  # stated in the resolved configuration (config.json, the panel), not left implicit
+        from .networks import default_upsampling
+        cfg.upsampling = default_upsampling(cfg.network)
     validate(cfg)
     cfg.method_options = method_cls.configure_options(dict(cfg.method_options), cfg)
     return cfg

@@ -98,7 +98,10 @@ class CAML(Method):
     Options = Options
     option_presets = PRESETS
     recipe = {"la": {"lr_schedule": "constant", "lr": 0.01, "iterations": 15000, "labeled_batch": 2,
-                     "unlabeled_batch": 2}}
+                     "unlabeled_batch": 2},
+              # 2D extension: branch V keeps MC-Net's first 2D decoder (transposed convolutions,
+              # ``ycwu1997/MC-Net`` ``code/networks/unet.py``) so the two branches differ as in 3D
+              **{p: {"upsampling": "transpose"} for p in ("acdc", "phantom", "generic2d")}}
 
     @classmethod
     def configure_options(cls, options: dict, cfg) -> dict:

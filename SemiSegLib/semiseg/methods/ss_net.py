@@ -82,10 +82,9 @@ _LA = {"consistency": 1.0, "rampup_iterations": 6000, "vat_eps": 10.0}
 # the built-in phantom's 600-iteration runs: full weight after 300 iterations (ours)
 _PHANTOM = {"consistency": 0.1, "rampup_iterations": 300}
 PRESETS = {"acdc": _ACDC, "2d": _ACDC, "la": _LA, "3d": _LA, "phantom": _PHANTOM}
-# training recipe (TrainConfig) per preset: SS-Net's 2D UNet is variant B with a constant lr
-RECIPE = {"acdc": {"upsampling": "bilinear", "lr_schedule": "constant"},
-          "generic2d": {"upsampling": "bilinear"},
-          "phantom": {"upsampling": "bilinear"},
+# training recipe (TrainConfig) per preset: SS-Net's 2D UNet (the network's default bilinear upsampling)
+# trains with a constant lr (``train_ss_2d.py``), its 3D V-Net with the step schedule (``train_ss_3d.py``)
+RECIPE = {"acdc": {"lr_schedule": "constant"},
           "la": {"lr_schedule": "step"}}
 
 

@@ -49,6 +49,15 @@ def build_network(name: str, **kwargs) -> nn.Module:
     return NETWORKS[name](**kwargs)
 
 
+def default_upsampling(name: str) -> str:
+    """The network's own default decoder upsampling (its constructor's), for configurations that leave it empty."""
+    import inspect
+    if name not in NETWORKS:
+        raise SemiSegError(f"unknown network '{name}'; available: {', '.join(sorted(NETWORKS))}")
+    param = inspect.signature(NETWORKS[name]).parameters.get("upsampling")
+    return param.default if param is not None else ""
+
+
 def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 

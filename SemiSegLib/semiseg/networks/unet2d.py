@@ -1,8 +1,14 @@
-"""2D UNet of the SSL4MIS lineage (about 1.8 M parameters), METHODS.md §0.2.
+"""2D UNet of the SSL4MIS lineage (``HiLab-git/SSL4MIS`` ``code/networks/unet.py``; 1,813,764 parameters
+at 4 classes).
 
 Upsampling variants (not numerically interchangeable, stored with the checkpoint):
-- ``transpose`` (A): ConvTranspose2d k2 s2 — SSL4MIS ``UNet``, UniMatch/AGP, ICL.
-- ``bilinear`` (B): 1x1 conv then bilinear x2 with align_corners=True — SS-Net, BCP.
+- ``bilinear`` (the default): 1x1 conv then bilinear x2 with align_corners=True. Every 2D reference runs
+  it: SSL4MIS's ``UpBlock`` defaults to ``bilinear=True`` and its ``Decoder`` never passes ``bilinear``
+  (supervised, Mean Teacher, UA-MT); the copies in UniMatch ``more-scenarios/medical/model/unet.py``
+  (FixMatch, UniMatch; its training log prints "Total params: 1.8M"), AIGC-Match ``model/unet.py`` (AGP),
+  ICL ``code/networks/unet_icl.py``, SS-Net ``code/networks/unet.py`` are the same.
+- ``transpose``: ConvTranspose2d k2 s2 (1,944,324 parameters), the branch SSL4MIS's ``UpBlock`` has but
+  never selects; MC-Net's first 2D decoder uses it (``ycwu1997/MC-Net`` ``code/networks/unet.py``).
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ class UpBlock(nn.Module):
 class UNet2D(nn.Module):
     dim = 2
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 4, upsampling: str = "transpose",
+    def __init__(self, in_channels: int = 1, num_classes: int = 4, upsampling: str = "bilinear",
                  channels: tuple[int, ...] = (16, 32, 64, 128, 256),
                  dropout: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)):
         super().__init__()

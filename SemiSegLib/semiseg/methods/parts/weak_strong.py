@@ -15,8 +15,8 @@ the loop's weak ``RandomGenerator`` augmentation:
    multi-class Dice ignoring every pixel whose confidence is below τ (``masked_dice``).
 
 The recipe of this family (UniMatch ``configs/acdc.yaml``; ``FAMILY_RECIPE``): 12 labeled + 12
-unlabeled + 12 mix per step, SGD lr 0.01 poly 0.9, the UniMatch UNet (upsampling variant A,
-``transpose``), bilinear image resize and bilinear logit upsampling at inference, and the reference's
+unlabeled + 12 mix per step, SGD lr 0.01 poly 0.9, the UniMatch UNet (bilinear upsampling, the
+network's default: ``more-scenarios/medical/model/unet.py``), bilinear image resize and bilinear logit upsampling at inference, and the reference's
 epoch-based length: 300 epochs of ⌊#unlabeled slices / 12⌋ iterations. SemiSeg trains on iterations, so
 the ACDC recipe sets ``iterations = 300 × 98 = 29400`` for the preset's 7 labeled cases (1176 unlabeled
 slices); with ``--labeled 3`` use ``--iterations 30900`` (1244 → 103 per epoch) and with ``--labeled 1``
@@ -44,10 +44,10 @@ ACDC_EPOCHS = 300
 ACDC_ITERATIONS = {1: 300 * (1280 // 12), 3: 300 * (1244 // 12), 7: 300 * (1176 // 12)}
 
 FAMILY_RECIPE: dict[str, dict] = {
-    "acdc": dict(upsampling="transpose", resize="bilinear", labeled_batch=12, unlabeled_batch=12,
+    "acdc": dict(resize="bilinear", labeled_batch=12, unlabeled_batch=12,
                  iterations=ACDC_ITERATIONS[7], lr=0.01, lr_schedule="poly"),
-    "phantom": dict(upsampling="transpose", resize="bilinear"),
-    "generic2d": dict(upsampling="transpose", resize="bilinear"),
+    "phantom": dict(resize="bilinear"),
+    "generic2d": dict(resize="bilinear"),
 }
 
 # The reference's ``(img·255).astype(uint8)`` round trip of unlabeled images belongs to its [0, 1] ACDC files.
