@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from semiseg import machine
-from semiseg.train import loop
+from semiseg.train import device
 from semiseg.train.loop import resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def test_native_bf16_needs_avx512_bf16_or_amx(features, native):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_on_the_cpu_is_bf16_only_with_native_bf16(monkeypatch, native):
-    monkeypatch.setattr(loop, "native_bf16", lambda: native)
+    monkeypatch.setattr(device, "native_bf16", lambda: native)
     cpu = torch.device("cpu")
     assert resolve_precision("auto", True, cpu) is (torch.bfloat16 if native else None)
     assert resolve_precision("auto", False, cpu) is None  # --no-amp: fp32

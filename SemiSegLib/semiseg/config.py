@@ -64,6 +64,7 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=_h("torch.compile the student network (in place: checkpoint keys stay plain; first iterations are slow while it compiles)"))
     sync_bn: bool = field(default=True, metadata=_h("several GPUs (torchrun): BatchNorm statistics over the global batch (SyncBatchNorm); CUDA only, ignored on the CPU"))
     find_unused_parameters: bool = field(default=False, metadata=_h("several processes: let DDP tolerate parameters that get no gradient in a step (needed by methods with parts used only in some steps; slower)"))
+    time_budget: str = field(default="", metadata=_h("train within this wall time: 30m, 1h, 90s, 1h30m or seconds (1800); the run measures its speed in its first iterations and shortens its schedule (iterations, lr decay, ramp-ups, validation cadence) to end by then, with a final checkpoint. Empty = no budget. SemiSeg option"))
     # validation, checkpoints, logging
     val_every: int = field(default=0, metadata=_h("validate every N iterations (0 = never; ACDC 200)"))
     selection: str = field(default="", metadata=_h("checkpoint reported: final, val (best on validation), test (paper reproduction only)", choices=["", "final", "val", "test"]))
@@ -199,6 +200,9 @@ def validate(cfg: TrainConfig) -> None:
                            "labeled batch of 2 or a patch of 32 on one axis")
     if not 0.0 <= cfg.foreground_share <= 1.0:
         raise SemiSegError(f"foreground_share must be in [0, 1], not {cfg.foreground_share}")
+    if cfg.time_budget:
+        from .train.budget import parse_duration
+        parse_duration(cfg.time_budget)
     if cfg.prefetch < 0:
         raise SemiSegError("prefetch must be 0 (off) or a positive number of batches")
     for f in fields(cfg):  # the choices the fields declare (argparse checks them; a config file does not)

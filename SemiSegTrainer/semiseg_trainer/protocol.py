@@ -3,7 +3,9 @@
 A job is a folder: ``job.json`` in (the training configuration and what to do), one JSON object per
 line out on stdout (also appended to ``events.jsonl``), a ``CANCEL`` file to ask for a graceful stop.
 Every event has an ``"event"`` key: started, iteration, validation, checkpoint, predicted, log,
-finished {status: completed|cancelled}, error {message[, details]}.
+finished {status: completed|cancelled}, error {message[, details]}. Under a time budget (config
+``time_budget``, e.g. "30m" or "1800") ``iteration`` events carry ``remaining_s`` and a ``budget`` event
+{iteration, iterations, val_every, seconds_per_iteration, remaining_s, schedule} announces each new plan.
 
 ``job.json`` (schema 1)::
 
@@ -167,7 +169,7 @@ def format_duration(seconds: float | None) -> str:
     return f"{s // 60}m{s % 60:02d}s"
 
 
-_NOT_TERMS = {"event", "time", "iteration", "iterations", "lr", "it_per_s", "eta_s"}
+_NOT_TERMS = {"event", "time", "iteration", "iterations", "lr", "it_per_s", "eta_s", "remaining_s"}
 
 
 class ProgressState:
@@ -179,6 +181,7 @@ class ProgressState:
         self.iteration = 0
         self.iterations = 0
         self.eta_s: float | None = None
+        self.remaining_s: float | None = None  # time left of a --time-budget run
         self.terms: dict[str, float] = {}
         self.val_dice: float | None = None
         self.best_dice: float | None = None
@@ -203,6 +206,7 @@ class ProgressState:
             self.iteration = int(e.get("iteration", self.iteration))
             self.iterations = int(e.get("iterations", self.iterations))
             self.eta_s = e.get("eta_s")
+            self.remaining_s = e.get("remaining_s", self.remaining_s)
             self.terms = {k: float(v) for k, v in e.items() if k not in _NOT_TERMS and isinstance(v, (int, float))
                           and not isinstance(v, bool)}
             row = {"iteration": self.iteration, **self.terms}
@@ -214,6 +218,9 @@ class ProgressState:
             self.best_dice = float(e.get("best_dice", self.val_dice))
             if self.history and self.history[-1]["iteration"] == int(e.get("iteration", -1)):
                 self.history[-1]["val_dice"] = self.val_dice
+        elif kind == "budget":  # a time budget re-planned the run: a new total
+            self.iterations = int(e.get("iterations", self.iterations))
+            self.remaining_s = e.get("remaining_s", self.remaining_s)
         elif kind == "checkpoint":
             self.checkpoint = str(e.get("path", ""))
         elif kind == "predicted":
@@ -238,7 +245,9 @@ class ProgressState:
         if self.task == "segment":
             return f"volume {self.done}/{self.total}"
         parts = [f"iteration {self.iteration}/{self.iterations}"]
-        if self.status == "running" and self.eta_s is not None:
+        if self.status == "running" and self.remaining_s is not None:
+            parts.append(f"{format_duration(self.remaining_s)} left of the time budget")
+        elif self.status == "running" and self.eta_s is not None:
             parts.append(f"ETA {format_duration(self.eta_s)}")
         if "loss" in self.terms:
             parts.append(f"loss {self.terms['loss']:.4f}")

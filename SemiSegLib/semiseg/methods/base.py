@@ -42,6 +42,8 @@ class Method(nn.Module):
     uses_teacher: ClassVar[bool] = False     # the loop builds and EMA-updates ``self.teacher``
     uses_unlabeled: ClassVar[bool] = True    # False: batches carry no unlabeled stream
     extra_unlabeled_streams: ClassVar[int] = 0  # more independent unlabeled batches (UniMatch's "mix" stream)
+    # options counted in iterations: a time budget that shortens the run scales them with it (train/budget.py)
+    schedule_options: ClassVar[tuple[str, ...]] = ("rampup_iterations", "consistency_delay")
 
     def __init__(self, student: nn.Module, options, ctx: MethodContext):
         super().__init__()

@@ -14,13 +14,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import random
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
@@ -29,83 +26,16 @@ from ..data.datasets import DataSplits
 from ..data.pipeline import BatchSource
 from ..errors import CancelledError, SemiSegError
 from ..evaluation import evaluate_cases, summarize
-from ..machine import keep_freed_memory, native_bf16
+from ..machine import keep_freed_memory
 from ..methods import MethodContext, get_method
 from ..networks import build_network
 from ..schedules import ema_decay, learning_rate
 from . import distributed as D
+from .budget import TimeBudget, apply_plan, parse_duration, schedule_options
+from .device import (_channels_last, peak_memory_mb, resolve_precision, seed_everything,  # noqa: F401 (re-exported)
+                     select_device)
 
 EventHandler = Callable[[dict], None]
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SemiSegError(f"device '{name}' requested but CUDA is not available "
-                               f"(torch {torch.__version__}; use --device cpu or install a CUDA build of torch)")
-        idx = int(name.split(":")[1]) if ":" in name else 0
-        if idx >= torch.cuda.device_count():
-            raise SemiSegError(f"device '{name}' requested but only {torch.cuda.device_count()} GPU(s) are visible")
-    elif name != "cpu":
-        raise SemiSegError(f"unknown device '{name}' (auto, cpu, cuda, cuda:N)")
-    return torch.device(name)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource  # POSIX only (not on Windows Slicer)
-    except ImportError:
-        return float("nan")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
-
-
-def resolve_precision(precision: str, amp: bool, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None = fp32). ``auto``: bf16 on a CUDA GPU that supports it, fp16 (with loss
-    scaling) on other GPUs, bf16 on a CPU with native bf16 arithmetic (:func:`semiseg.machine.native_bf16`),
-    fp32 on other CPUs; ``amp=False`` makes ``auto`` fp32 (older configs)."""
-    if precision in ("", "auto"):
-        if not amp:
-            return None
-        if device.type != "cuda":
-            return torch.bfloat16 if device.type == "cpu" and native_bf16() else None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise SemiSegError("--precision bf16: this GPU does not support bfloat16 (use fp16 or auto)")
-        return torch.bfloat16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise SemiSegError("--precision fp16 needs a CUDA device (on the CPU use bf16 or fp32)")
-        return torch.float16
-    raise SemiSegError(f"unknown precision '{precision}' (auto, fp32, bf16, fp16)")
-
-
-def _channels_last(batch):
-    cl = torch.channels_last
-    batch.labeled_image = batch.labeled_image.contiguous(memory_format=cl)
-    if batch.unlabeled_image is not None:
-        batch.unlabeled_image = batch.unlabeled_image.contiguous(memory_format=cl)
-    batch.extra_unlabeled = [t.contiguous(memory_format=cl) for t in batch.extra_unlabeled]
-    return batch
 
 
 @torch.no_grad()
@@ -122,8 +52,10 @@ class Trainer:
     metrics.json). ``cfg`` and ``data`` come from :func:`semiseg.run.prepare_run`."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, data: DataSplits,
-                 on_event: EventHandler | None = None, should_stop: Callable[[], bool] | None = None):
+                 on_event: EventHandler | None = None, should_stop: Callable[[], bool] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
+        self.clock = clock  # the time budget's clock (tests inject a fake one)
         self.out = Path(out_dir)
         self.data = data
         self.on_event = on_event
@@ -207,6 +139,12 @@ class Trainer:
             "plan": getattr(data, "plan", None),  # semiseg.planning: segment applies the same preprocessing
         }
         self.amp_dtype = resolve_precision(cfg.precision, cfg.amp, self.device)
+        self.budget = None
+        if cfg.time_budget:
+            if self.dist.enabled:
+                raise SemiSegError("--time-budget works in one process (not under torchrun)")
+            self.budget = TimeBudget(parse_duration(cfg.time_budget), cfg.iterations, cfg.val_every, cfg.lr_step,
+                                     schedule_options(method_cls, self.method.options), clock=self.clock)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def _model_payload(self, step: int, metrics: dict) -> dict:
@@ -269,6 +207,7 @@ class Trainer:
         s = summarize(res)
         dice = s["mean"]["dice"]
         improved = dice > self.best
+        self.validated_at = step
         if improved:
             self.best = dice
             if self.cfg.selection in ("val", "test"):
@@ -278,6 +217,17 @@ class Trainer:
                   dice=dice, best=improved, best_dice=self.best,
                   dice_per_class={k: v["dice"] for k, v in s["per_class"].items()})
         return dice
+
+    def _plan_budget(self, done: int) -> None:
+        """Fit the rest of the schedule into the time budget (train/budget.py) and record it."""
+        plan = self.budget.plan(done)
+        apply_plan(self, plan)
+        if self.dist.is_main:
+            atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
+        self.emit("budget", iteration=done, iterations=plan.iterations, val_every=self.cfg.val_every,
+                  seconds_per_iteration=round(plan.seconds_per_iteration, 4),
+                  validation_s=round(plan.validation_seconds, 2), remaining_s=round(self.budget.remaining(), 1),
+                  schedule={"lr_step": plan.lr_step, **plan.options})
 
     # ------------------------------------------------------------------------------ one step
     def next_batch(self):
@@ -324,6 +274,7 @@ class Trainer:
         cfg = self.cfg
         main = self.dist.is_main
         self.best, self.best_step, self.elapsed = -1.0, -1, 0.0
+        self.validated_at = -1
         self.train_seconds = 0.0  # time in training steps only (no validation, no checkpoints)
         start = self._resume() if resume else 0
         if main:
@@ -331,6 +282,9 @@ class Trainer:
                 (self.out / "progress.jsonl").unlink(missing_ok=True)
             atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         extra = {"world_size": self.dist.world_size} if self.dist.enabled else {}
+        if self.budget is not None:
+            self.budget.begin(start)
+            extra["time_budget_s"] = self.budget.seconds
         self.emit("started", iteration=start, iterations=cfg.iterations, method=cfg.method, device=str(self.device),
                   data=self.data.summary(), selection=cfg.selection, run_dir=str(self.out),
                   precision=str(self.amp_dtype or torch.float32).replace("torch.", ""), **extra)
@@ -340,8 +294,13 @@ class Trainer:
         t_start = time.perf_counter() - self.elapsed
         step = start
         stop_requested = False  # several ranks: agreed at log boundaries, so every rank stops at the same step
+        deadline = False
         try:
-            for step in range(start, cfg.iterations):
+            while step < cfg.iterations:  # a time budget may shorten cfg.iterations on the way
+                if self.budget is not None and self.budget.out_of_time():
+                    deadline = True  # stop here; the run ends normally (final checkpoint, evaluation)
+                    cfg.iterations = step
+                    break
                 if self.dist.enabled:
                     stop_now = stop_requested
                 else:
@@ -357,7 +316,9 @@ class Trainer:
                     v = v.detach().float()
                     sums[k] = sums[k] + v if k in sums else v
                 n_acc += 1
-                done = step + 1
+                done = step = step + 1
+                if self.budget is not None and self.budget.step_done(done):
+                    self._plan_budget(done)
                 if done % cfg.log_every == 0 or done == cfg.iterations:
                     flag = float(self.should_stop()) if self.dist.enabled else 0.0
                     reduced, stops = D.all_reduce_mean(sums, self.dist, flag)  # the one host read of the window
@@ -369,24 +330,35 @@ class Trainer:
                     now = time.perf_counter()
                     self.train_seconds += now - t_window
                     ips = (done - last_logged) / max(now - t_window, 1e-9)
+                    left = {"remaining_s": round(self.budget.remaining(), 1)} if self.budget is not None else {}
                     self.emit("iteration", iteration=done, iterations=cfg.iterations, lr=lr, it_per_s=round(ips, 3),
-                              eta_s=round((cfg.iterations - done) / max(ips, 1e-9), 1),
+                              eta_s=round((cfg.iterations - done) / max(ips, 1e-9), 1), **left,
                               **{k: round(v, 6) for k, v in means.items()})
                     sums, n_acc, last_logged = {}, 0, done
                     t_window = now
-                if cfg.val_every and self.val_refs and done % cfg.val_every == 0:
-                    t0 = time.perf_counter()
+                last_of_budget = self.budget is not None and done == cfg.iterations  # the budget's final model
+                if cfg.val_every and self.val_refs and (done % cfg.val_every == 0 or last_of_budget):
+                    t0, c0 = time.perf_counter(), self.clock()
                     if main:  # rank 0 validates; the others wait (no duplicated validation work)
                         self._validate(done)
                     D.barrier(self.dist)
                     t_window += time.perf_counter() - t0  # validation time is not training speed
+                    if self.budget is not None:
+                        self.budget.note_pause(self.clock() - c0, validation=True)
+                        if self.budget.after_validation():
+                            self._plan_budget(done)
                 if done % cfg.checkpoint_every == 0 and done != cfg.iterations:
                     self.elapsed = time.perf_counter() - t_start
+                    c0 = self.clock()
                     self._save_last(done)
+                    if self.budget is not None:
+                        self.budget.note_pause(self.clock() - c0)
         except torch.OutOfMemoryError:
             raise SemiSegError(f"out of GPU memory at iteration {step} (patch {tuple(cfg.patch_size)}, batch "
                                f"{cfg.labeled_batch}+{cfg.unlabeled_batch}); lower --patch-size or the batch sizes; "
                                f"last checkpoint kept in {self.out}") from None
+        if deadline and cfg.val_every and self.val_refs and main and self.validated_at != step:
+            self._validate(step)  # the model the deadline stopped at (its time was kept back)
         self.elapsed = time.perf_counter() - t_start
         self._save_last(cfg.iterations)
         if main and (cfg.selection == "final" or self.best_step < 0):
@@ -402,6 +374,9 @@ class Trainer:
         }
         if self.dist.enabled:
             summary["world_size"] = self.dist.world_size
+        if self.budget is not None:
+            summary.update(time_budget_s=self.budget.seconds, stopped_at_deadline=deadline,
+                           budget_elapsed_s=round(self.budget.elapsed(), 1))
         if not main:  # the final evaluation and metrics.json are rank 0's
             D.barrier(self.dist)
             summary["rank"] = self.dist.rank

@@ -1,0 +1,159 @@
+"""--time-budget: durations are parsed as documented, the planner's arithmetic gives hand-computed schedules,
+and a budgeted training run on a fake clock completes its shortened schedule (lr decayed to its last value,
+ramp-ups and delays scaled, final checkpoint) by its deadline, or stops at the deadline when the machine slows."""
+import json
+
+import pytest
+import torch
+
+from semiseg.checkpoint import load_checkpoint
+from semiseg.config import resolve_config
+from semiseg.errors import SemiSegError
+from semiseg.schedules import learning_rate
+from semiseg.train.budget import TimeBudget, parse_duration
+from semiseg.train.loop import Trainer
+from semiseg_trainer.cli import main
+from semiseg_trainer.protocol import ProgressState
+
+
+@pytest.mark.parametrize("text,seconds", [("30m", 1800), ("1h", 3600), ("90s", 90), ("1800", 1800), (1800, 1800),
+                                          ("1h30m", 5400), ("1.5h", 5400), (" 45 min ", 2700), ("2M", 120)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "30x", "m", "-5m", "0", "30m10", "1e3", "h1"])
+def test_parse_duration_rejects(bad):
+    with pytest.raises(SemiSegError, match="time budget"):
+        parse_duration(bad)
+
+
+def test_a_bad_budget_is_one_error_line(tmp_path, capsys):
+    rc = main(["--no-json", "train", "--data", "phantom:6", "--time-budget", "30x", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["semiseg: error: time budget '30x' is not a duration (examples: 30m, 1h, 90s, 1h30m, "
+                               "1800)"]
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_plan_arithmetic_by_hand():
+    """1000 s for a 30000-iteration recipe (val every 200, step lr 2500, ramp 30000, delay 1000) on a machine at
+    2 s per iteration: after 2 warm-up + 5 calibration steps (t = 20 s) the 950 s left after the 3 % reserve
+    hold 475 more iterations -> 482; 200/30000 of 482 is a validation every 3; the schedule scales by 482/30000.
+    Once a validation is known to cost 15 s (at iteration 9, t = 39 s), the reserve grows by two validations
+    (60 s), validations are spaced to cost at most 10 % of training (every ceil(15 / 0.2) = 75) and
+    901 s / 2.2 s fit 409 more iterations -> 418."""
+    clock = FakeClock()
+    b = TimeBudget(1000, 30000, 200, 2500, {"rampup_iterations": 30000, "consistency_delay": 1000}, clock=clock)
+    b.begin(0)
+    planned_at = []
+    for done in range(1, 8):
+        clock.t = 2.0 * done + 6.0 if done >= 2 else 5.0  # a slow first step, then 2 s each: t(2) = 10, t(7) = 20
+        if b.step_done(done):
+            planned_at.append(done)
+    assert planned_at == [7]
+    p = b.plan(7)
+    assert (p.iterations, p.val_every, p.lr_step) == (482, 3, 40)
+    assert p.options == {"rampup_iterations": 482, "consistency_delay": 16}
+    assert p.seconds_per_iteration == pytest.approx(2.0)
+    clock.t = 24.0  # two more steps, then a validation
+    b.note_pause(15.0, validation=True)
+    clock.t = 39.0
+    assert b.after_validation()
+    p = b.plan(9)
+    assert (p.iterations, p.val_every, p.validation_seconds) == (418, 75, 15.0)
+    assert p.options == {"rampup_iterations": 418, "consistency_delay": 14}
+
+
+def test_a_fast_machine_keeps_the_recipe():
+    clock = FakeClock()
+    b = TimeBudget(3600, 600, 100, 2500, {"rampup_iterations": 200}, clock=clock)
+    b.begin(0)
+    for done in range(1, 8):
+        clock.t = 0.1 * done
+        b.step_done(done)
+    p = b.plan(7)
+    assert (p.iterations, p.val_every, p.options) == (600, 100, {"rampup_iterations": 200})
+
+
+def budgeted_run(tmp_path, budget, step_seconds, validation_seconds=5.0):
+    """Mean Teacher on the phantom (recipe: 600 iterations, validation every 100, ramp 200, delay 50) with a fake
+    clock: each training step advances it by ``step_seconds(step)``, each validation by ``validation_seconds``."""
+    cfg = resolve_config({"data": "phantom:6", "labeled": 2, "method": "mean_teacher", "patch_size": (32, 32),
+                          "labeled_batch": 2, "unlabeled_batch": 2, "log_every": 5, "device": "cpu", "threads": 1,
+                          "time_budget": budget, "checkpoint_every": 10})
+    assert (cfg.iterations, cfg.val_every, cfg.method_options["rampup_iterations"],
+            cfg.method_options["consistency_delay"]) == (600, 100, 200, 50)
+    clock = FakeClock()
+    events = []
+    tr = Trainer(cfg, tmp_path, on_event=events.append, clock=clock)
+    step_fn, validate_fn = tr.train_step, tr._validate
+
+    def timed_step(batch, step):
+        clock.t += step_seconds(step)
+        return step_fn(batch, step)
+
+    def timed_validation(step):
+        clock.t += validation_seconds
+        return validate_fn(step)
+
+    tr.train_step, tr._validate = timed_step, timed_validation
+    summary = tr.run()
+    return tr, summary, events, clock
+
+
+def test_budgeted_run_completes_its_shortened_schedule_by_the_deadline(tmp_path):
+    tr, summary, events, clock = budgeted_run(tmp_path, "100s", lambda step: 2.0)
+    plans = [e for e in events if e["event"] == "budget"]
+    total = plans[-1]["iterations"]
+    assert len(plans) >= 2 and plans[0]["iteration"] == 7  # after 2 warm-up + 5 calibration steps, then re-planned
+    assert 20 < total < 50  # at most (100 s - reserve) / 2 s per iteration, validations included
+    assert summary["iterations"] == total and not summary["stopped_at_deadline"]
+    assert clock.t <= 100.0  # every step and validation fitted in the budget
+    its = [e for e in events if e["event"] == "iteration"]
+    assert its[-1]["iteration"] == total
+    # the whole schedule was scaled to the run: lr at its last poly value, ramp and delay in proportion
+    assert its[-1]["lr"] == pytest.approx(learning_rate(total - 1, 0.03, "poly", total))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["iterations"] == total
+    assert cfg["method_options"]["rampup_iterations"] == round(200 * total / 600)
+    assert cfg["method_options"]["consistency_delay"] == round(50 * total / 600)
+    assert tr.method.weight(total - 1) > 0  # consistency active by the end (delay 50 of 600 would never come)
+    # the remaining time is reported and only goes down; the final model is validated and checkpointed
+    left = [e["remaining_s"] for e in its]
+    assert left == sorted(left, reverse=True) and 0 <= left[-1] < 100
+    vals = [e["iteration"] for e in events if e["event"] == "validation"]
+    assert vals[-1] == total and len(vals) >= 2
+    assert load_checkpoint(tmp_path / "last.pt")["training"]["step"] == total
+    assert (tmp_path / "best.pt").is_file() and events[-1]["event"] == "finished"
+    state = ProgressState()
+    for e in events:
+        state.update(e)
+    assert state.iterations == total
+
+
+def test_budgeted_run_stops_at_the_deadline_when_the_machine_slows_down(tmp_path):
+    """Planned at 2 s per iteration, the steps then take 9 s (another program took the CPU): the run stops
+    before the deadline with its last checkpoint at the iteration it reached."""
+    tr, summary, events, clock = budgeted_run(tmp_path, "100s", lambda step: 2.0 if step < 10 else 9.0)
+    assert summary["stopped_at_deadline"]
+    assert clock.t <= 100.0
+    reached = summary["iterations"]
+    assert load_checkpoint(tmp_path / "last.pt")["training"]["step"] == reached
+    assert events[-1]["event"] == "finished" and events[-1]["iteration"] == reached
+    # the model it stopped at is validated too (a validation's time was kept back for it)
+    assert [e["iteration"] for e in events if e["event"] == "validation"][-1] == reached
+    assert max(e["iterations"] for e in events if e["event"] == "budget") > reached  # it had planned more
+
+
+def test_budget_is_a_config_field_the_job_protocol_can_send():
+    cfg = resolve_config({"data": "phantom:6", "time_budget": "30m"})
+    assert cfg.time_budget == "30m" and cfg.to_dict()["time_budget"] == "30m"
+    assert resolve_config({"data": "phantom:6", "time_budget": 1800}).time_budget == 1800  # seconds also do
