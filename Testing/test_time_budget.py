@@ -9,6 +9,7 @@ import torch
 from semiseg.checkpoint import load_checkpoint
 from semiseg.config import resolve_config
 from semiseg.errors import SemiSegError
+from semiseg.run import load_run_data
 from semiseg.schedules import learning_rate
 from semiseg.train.budget import TimeBudget, parse_duration
 from semiseg.train.loop import Trainer
@@ -93,7 +94,7 @@ def budgeted_run(tmp_path, budget, step_seconds, validation_seconds=5.0):
             cfg.method_options["consistency_delay"]) == (600, 100, 200, 50)
     clock = FakeClock()
     events = []
-    tr = Trainer(cfg, tmp_path, on_event=events.append, clock=clock)
+    tr = Trainer(cfg, tmp_path, load_run_data(cfg), on_event=events.append, clock=clock)
     step_fn, validate_fn = tr.train_step, tr._validate
 
     def timed_step(batch, step):
