@@ -32,12 +32,11 @@ class MethodInfo:
 
 
 def _kind(f: dataclasses.Field) -> str:
-    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if (f.metadata or {}).get("choices"):
+    from semiseg.fields import field_choices, field_kind  # the engine's one reader of a field's type
+    if field_choices(f):
         return "choice"
-    if t.startswith("tuple"):
-        return "floats" if "float" in t else "ints"
-    return t if t in ("int", "float", "bool", "str") else "str"
+    kind = field_kind(f)
+    return "str" if kind == "dict" else kind
 
 
 def option_infos(options_cls, defaults=None) -> list[OptionInfo]:

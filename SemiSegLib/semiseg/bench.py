@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .config import TrainConfig
 from .machine import describe, format_machine
 
@@ -169,7 +170,4 @@ def format_bench_table(rows: list[dict]) -> str:
 
 
 def write_bench_json(rows: list[dict], path: str | Path, command: str = "") -> None:
-    from .checkpoint import atomic_write_text
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, json.dumps({"command": command, "torch": torch.__version__, "results": rows}, indent=2))
+    atomic_write(path, json.dumps({"command": command, "torch": torch.__version__, "results": rows}, indent=2))

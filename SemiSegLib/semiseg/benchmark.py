@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import atomic_write_text
+from .atomic import atomic_write
 from .errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, CancelledError, SemiSegError
 from .presets import is_literature
 
@@ -221,7 +221,7 @@ def _record_run(spec: RunSpec, state: str, command: str | None) -> None:
         envs.append(env)
     rec.setdefault("attempts", []).append({"state": state, "time": round(time.time(), 3)})
     spec.dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(p, json.dumps(rec, indent=2, default=str))
+    atomic_write(p, json.dumps(rec, indent=2, default=str))
 
 
 def run_grid(specs: list[RunSpec], on_event: EventHandler | None = None, should_stop: Callable[[], bool] | None = None,
@@ -776,13 +776,13 @@ def write_report(records: list[RunRecord], out: str | Path, plots: bool = True,
                 if (r.dir / name).is_file():
                     figures.append(f"{what}, {r.method} seed {r.seed}: `{r.dir / name}`")
     md = results_markdown(records, figures)
-    atomic_write_text(out / "results.md", md)
+    atomic_write(out / "results.md", md)
     fields, rows = results_rows(records)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     w.writerows(rows)
-    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write(out / "results.csv", buf.getvalue())
     return {"results_md": str(out / "results.md"), "results_csv": str(out / "results.csv"), "runs": len(records),
             "rows": len(rows), "figures": figures}
 

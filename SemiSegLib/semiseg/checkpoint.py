@@ -1,14 +1,13 @@
-"""Checkpoints: written atomically (temporary file, fsync, rename), holding everything needed to
+"""Checkpoints: written atomically (:mod:`semiseg.atomic`), holding everything needed to
 segment later (network config and weights, classes, normalisation, patch/slice settings) and, for
 the resumable ``last`` checkpoint, the full training state."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .errors import SemiSegError
 from .networks import build_network
 
@@ -16,30 +15,9 @@ FORMAT = "semiseg-checkpoint"
 VERSION = 1
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
-
-
 def save_checkpoint(path: Path, payload: dict) -> None:
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    atomic_write_bytes(path, lambda f: torch.save(payload, f))
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

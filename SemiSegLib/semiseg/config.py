@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SemiSegError
+from .fields import from_json
 from .methods import get_method
 from .presets import PRESETS, preset_for_data
 
@@ -100,12 +101,7 @@ class TrainConfig:
         unknown = set(d) - set(known)
         if unknown:
             raise SemiSegError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
-        vals = {}
-        for k, v in d.items():
-            if isinstance(v, list) and known[k].type.startswith("tuple"):
-                v = tuple(v)
-            vals[k] = v
-        return cls(**vals)
+        return cls(**{k: from_json(known[k], v) for k, v in d.items()})
 
 
 def resolve_config(explicit: dict[str, Any], file_values: dict[str, Any] | None = None,

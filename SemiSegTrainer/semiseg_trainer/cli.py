@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import signal
 import sys
 from pathlib import Path
 
+from semiseg.atomic import atomic_write
+from semiseg.fields import parse_text
 from semiseg.planning import PLAN_INPUT_FIELDS
 
 from . import protocol
@@ -166,18 +169,16 @@ def cmd_evaluate(ns, reporter) -> int:
              lcc=bool(ns.lcc if ns.lcc is not None else meta.get("lcc")))
     out = Path(ns.out) if ns.out else Path(ckpt["path"]).parent
     out.mkdir(parents=True, exist_ok=True)
-    from semiseg.checkpoint import atomic_write_text
-    atomic_write_text(out / f"evaluate_{ns.split}.json", json.dumps({**s, "cases_detail": {r.case: r.per_class for r in res}}, indent=2))
+    atomic_write(out / f"evaluate_{ns.split}.json", json.dumps({**s, "cases_detail": {r.case: r.per_class for r in res}}, indent=2))
     rows = []
     for r in res:
         for cname, m in r.per_class.items():
             rows.append({"case": r.case, "class": cname, **m})
-    tmp = out / f".evaluate_{ns.split}.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(out / f"evaluate_{ns.split}.csv")
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(out / f"evaluate_{ns.split}.csv", table.getvalue())
     if reporter.json:
         reporter({"event": "evaluated", **s})
     else:
@@ -343,22 +344,6 @@ def add_benchmark_train_options(parser: argparse.ArgumentParser) -> None:
                        skip=BENCHMARK_OWN)
 
 
-def _parse_option_value(text: str, f):
-    t = str(f.type)
-    if t == "bool":
-        low = text.strip().lower()
-        if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            raise ValueError(f"'{text}' is not a boolean")
-        return low in ("true", "1", "yes", "on")
-    if t.startswith("tuple"):
-        return tuple(int(v) for v in text.replace(",", " ").split())
-    if t == "int":
-        return int(text)
-    if t == "float":
-        return float(text)
-    return text
-
-
 def parse_method_sets(items: list[str], methods: list[str]) -> dict[str, dict]:
     """``--set METHOD.OPTION=VALUE`` (one method) or ``--set OPTION=VALUE`` (every listed method that has it)."""
     import dataclasses
@@ -384,7 +369,7 @@ def parse_method_sets(items: list[str], methods: list[str]) -> dict[str, dict]:
                                        f"(options: {', '.join(fields) or 'none'})")
                 continue
             try:
-                out.setdefault(m, {})[name] = _parse_option_value(value, fields[name])
+                out.setdefault(m, {})[name] = parse_text(fields[name], value)
             except ValueError as e:
                 raise SemiSegError(f"--set {item}: {e}") from None
             hit = True

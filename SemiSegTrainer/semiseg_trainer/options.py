@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from semiseg.config import PRESETS, TrainConfig
+from semiseg.fields import field_choices, field_kind, scalar_type
 from semiseg.methods import METHODS
 
 METHOD_PREFIX = "opt__"
@@ -16,19 +17,19 @@ def _add_field(group, f: dataclasses.Field, dest: str, default_text: str) -> Non
     meta = f.metadata or {}
     help_text = f"{meta.get('help', '')} [{default_text}]"
     kw: dict = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
-    t = str(f.type)
-    if t == "bool":
+    kind = field_kind(f)
+    if kind == "bool":
         group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         return
-    if t.startswith("tuple"):
-        group.add_argument(flag, nargs="+", type=float if "float" in t else int, metavar="N", **kw)
+    if kind in ("ints", "floats"):
+        group.add_argument(flag, nargs="+", type=scalar_type(f), metavar="N", **kw)
         return
-    if t == "dict":
+    if kind == "dict":
         return
-    kw["type"] = {"int": int, "float": float}.get(t, str)
+    kw["type"] = scalar_type(f)
     kw["metavar"] = f.name.upper()
-    if meta.get("choices"):
-        kw["choices"] = [c for c in meta["choices"] if c != ""]
+    if field_choices(f):
+        kw["choices"] = [c for c in field_choices(f) if c != ""]
     group.add_argument(flag, **kw)
 
 

@@ -21,9 +21,7 @@ interpreter that could not even import the engine); :func:`diagnose_exit` turns 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 CANCEL_FILE = "CANCEL"
@@ -32,6 +30,7 @@ EVENTS_FILE = "events.jsonl"
 SCHEMA_VERSION = 1
 
 # exit codes of the trainer process (defined by the engine, shared with the benchmark's child runs)
+from semiseg.atomic import atomic_write  # noqa: E402
 from semiseg.errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK  # noqa: E402,F401
 
 # final states of a job as the module sees it
@@ -88,10 +87,7 @@ def write_job(job_dir: str | Path, spec: dict) -> Path:
     job.mkdir(parents=True, exist_ok=True)
     (job / CANCEL_FILE).unlink(missing_ok=True)
     spec = {"schema": SCHEMA_VERSION, **spec}
-    fd, tmp = tempfile.mkstemp(prefix=".job.", suffix=".tmp", dir=job)
-    with os.fdopen(fd, "w") as f:
-        json.dump(spec, f, indent=2, default=str)
-    os.replace(tmp, job / JOB_FILE)
+    atomic_write(job / JOB_FILE, json.dumps(spec, indent=2, default=str))
     return job / JOB_FILE
 
 

@@ -4,20 +4,19 @@ Conventions (see :mod:`semiseg.data.volume`): arrays are in (x, y, z) = ITK inde
 transpose of ``SimpleITK.GetArrayFromImage``; geometry is LPS. Nothing here ever resamples: a label
 either lies on its image's grid or it is rejected with a one-line :class:`SemiSegError`.
 
-Every writer is atomic: the file is written under a temporary name in the destination folder and
-moved into place with ``os.replace``, so an interrupted write never leaves a half-written file at the
-final path.
+Every writer is atomic (:mod:`semiseg.atomic`): an interrupted write never leaves a half-written file at
+the final path.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import SemiSegError
 from .volume import ClassInfo, Geometry, Volume
 
@@ -133,37 +132,20 @@ def _stem(path: str) -> str:
 
 
 @contextlib.contextmanager
-def _atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path next to ``path`` (same suffix); move it onto ``path`` on success."""
+def _writing(path: str) -> Iterator[str]:
+    """:func:`semiseg.atomic.atomic_path` for the image writers, whose failures become one line naming
+    the file."""
     path = os.fspath(path)
     if _lower_name(path).endswith(_MULTI_FILE_SUFFIXES):
         raise SemiSegError(f"cannot write {path}: header/data file pairs are not supported, "
                            f"use a single-file format (.nrrd, .seg.nrrd, .nii.gz, .mha)")
-    folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise SemiSegError(f"cannot write {path}: cannot create folder {folder}: {exc.strerror or exc}") from None
-    name = os.path.basename(path)
-    # keep the full (possibly double) suffix so that the writers choose the same format
-    lower = name.lower()
-    suffix = next((s for s in (".seg.nrrd", ".nii.gz") if lower.endswith(s)), os.path.splitext(name)[1])
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp" + suffix, dir=folder)
-    except OSError as exc:
-        raise SemiSegError(f"cannot write {path}: {exc.strerror or exc}") from None
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            yield str(tmp)
     except SemiSegError:
         raise
     except Exception as exc:
         raise SemiSegError(f"cannot write {path}: {_short_reason(exc)}") from None
-    finally:
-        if os.path.exists(tmp):
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
 
 
 def _sitk_image(array: np.ndarray, geometry: Geometry):
@@ -183,7 +165,7 @@ def _sitk_image(array: np.ndarray, geometry: Geometry):
 def _write_sitk(path: str, array: np.ndarray, geometry: Geometry) -> None:
     sitk = _sitk()
     img = _sitk_image(array, geometry)
-    with _atomic_path(path) as tmp:
+    with _writing(path) as tmp:
         sitk.WriteImage(img, tmp, True)
 
 
@@ -751,5 +733,5 @@ def write_segmentation(path, labelmap: np.ndarray, geometry: Geometry, classes: 
         # segments of a layer to the first segment's extent
         "extent": list(full_extent),
     } for c in classes]
-    with _atomic_path(path) as tmp:
+    with _writing(path) as tmp:
         slicerio.write_segmentation(tmp, seg)

@@ -33,6 +33,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..errors import SemiSegError
 from ..networks import DOWNSAMPLINGS, SIZE_DIVISOR, bottleneck_values
 from ..presets import LITERATURE_DATASETS
@@ -105,8 +106,7 @@ class Plan:
             raise SemiSegError(f"cannot read plan {p}: {e}") from None
 
     def save(self, path) -> None:
-        from ..checkpoint import atomic_write_text
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def preprocessing_key(self) -> str:
         """Hash of everything that changes a preprocessed array (the cache key's plan part)."""

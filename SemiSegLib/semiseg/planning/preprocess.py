@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..data.datasets import CaseRef, DataSplits
 from ..data.transforms import normalize
 from ..data.volume import Geometry, Volume
@@ -168,17 +168,10 @@ class Preprocessor:
         vol = preprocess_image(raw, self.plan) if role == "image" else preprocess_label(raw, self.plan)
         self.seconds += time.perf_counter() - t0
         self.misses += 1
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
-            meta = json.dumps({"geometry": vol.geometry.to_dict(), "spacing_known": vol.spacing_known,
-                               "case": ref.name, "role": role})
+        meta = json.dumps({"geometry": vol.geometry.to_dict(), "spacing_known": vol.spacing_known,
+                           "case": ref.name, "role": role})
+        with atomic_path(path) as tmp:
             np.savez(tmp, array=vol.array, meta=np.array(meta))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return vol
 
     def wrap(self, ref: CaseRef) -> CaseRef:

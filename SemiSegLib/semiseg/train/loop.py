@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from ..atomic import atomic_write
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import TrainConfig
 from ..data.datasets import DataSplits
 from ..data.pipeline import BatchSource
@@ -280,7 +281,7 @@ class Trainer:
         if main:
             if not resume:
                 (self.out / "progress.jsonl").unlink(missing_ok=True)
-            atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+            atomic_write(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         extra = {"world_size": self.dist.world_size} if self.dist.enabled else {}
         if self.budget is not None:
             self.budget.begin(start)
@@ -386,7 +387,7 @@ class Trainer:
             summary["val"] = final
         if self.data.test:
             summary["test"] = self._final_eval(self.data.test)
-        atomic_write_text(self.out / "metrics.json", json.dumps(summary, indent=2))
+        atomic_write(self.out / "metrics.json", json.dumps(summary, indent=2))
         brief = {k: ({kk: vv for kk, vv in v.items() if kk != "cases_detail"} if isinstance(v, dict) else v)
                  for k, v in summary.items()}
         self.emit("finished", status="completed", iteration=cfg.iterations, metrics=brief,
