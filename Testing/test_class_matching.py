@@ -1,4 +1,4 @@
-"""Classes matched across label files (semiseg.data.io.match_label_classes, datasets.load_files, the
+"""Classes matched across label files (semiseg.data.classes.match_label_classes, datasets.load_files, the
 ``class_map`` option): real files written by the engine's writers and slicerio."""
 import json
 
@@ -8,8 +8,9 @@ import slicerio
 
 from semiseg.config import TrainConfig
 from semiseg.data.datasets import load_dataset
-from semiseg.data.io import (match_label_classes, normalize_class_name, parse_class_map, read_label,
-                             write_labelmap, write_segmentation, write_volume)
+from semiseg.data.classes import match_label_classes, normalize_class_name, parse_class_map, read_label
+from semiseg.data.io import write_labelmap, write_volume
+from semiseg.data.segfile import write_segmentation
 from semiseg.data.volume import ClassInfo, Geometry, Volume
 from semiseg.errors import SemiSegError
 

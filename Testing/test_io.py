@@ -1,4 +1,4 @@
-"""Reading and writing images, labelmaps and Slicer segmentations (semiseg.data.io)."""
+"""Reading and writing images, labelmaps (semiseg.data.io) and Slicer segmentations (semiseg.data.segfile)."""
 import os
 
 import numpy as np
@@ -7,8 +7,9 @@ import SimpleITK as sitk
 import slicerio
 
 from semiseg.data import io
-from semiseg.data.io import (check_same_grid, read_label, read_volume, write_labelmap, write_segmentation,
-                             write_volume)
+from semiseg.data.classes import read_label
+from semiseg.data.io import check_same_grid, read_volume, write_labelmap, write_volume
+from semiseg.data.segfile import write_segmentation
 from semiseg.data.volume import ClassInfo, Geometry, Volume
 from semiseg.errors import SemiSegError
 

@@ -165,7 +165,8 @@ def test_train_cancel_resume_save_and_segment_end_to_end(tmp_path):
     assert load_checkpoint(info["checkpoint"])["iteration"] == load_checkpoint(job / "run/best.pt")["iteration"]
 
     # segment job with the saved model
-    from semiseg.data.io import read_label, write_volume
+    from semiseg.data.classes import read_label
+    from semiseg.data.io import write_volume
     from semiseg.data.phantom import make_phantom_case
     image, _ = make_phantom_case(2000, seed=0)
     write_volume(tmp_path / "seg/inputs/case.nrrd", image)

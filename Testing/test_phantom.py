@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from semiseg.data.io import check_same_grid, read_label, read_volume
+from semiseg.data.classes import read_label
+from semiseg.data.io import check_same_grid, read_volume
 from semiseg.data.phantom import PHANTOM_CLASSES, make_phantom_case, make_phantom_dataset, write_phantom_dataset
 from semiseg.data.phantom_ct import (CT_PHANTOM_CLASSES, DEFAULT_CT_DIRECTION, make_ct_phantom_case,
                                     write_ct_phantom_dataset)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from semiseg.data.datasets import load_dataset
-from semiseg.data.io import read_label, write_labelmap, write_volume
+from semiseg.data.classes import read_label
+from semiseg.data.io import write_labelmap, write_volume
 from semiseg.data.volume import Geometry, Volume
 from semiseg.planning import apply_plan, fingerprint_splits, make_plan, preprocess
 from semiseg.planning.fingerprint import CaseFingerprint, Fingerprint

@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT / "SemiSegExtension"))
 
 from SemiSegSlicerLib import mrml_export as ex  # noqa: E402
 from SemiSegSlicerLib import mrml_import as im  # noqa: E402
-from semiseg.data.io import check_same_grid, read_label, read_volume, write_segmentation  # noqa: E402
+from semiseg.data.classes import read_label  # noqa: E402
+from semiseg.data.io import check_same_grid, read_volume  # noqa: E402
+from semiseg.data.segfile import write_segmentation  # noqa: E402
 from semiseg.data.volume import ClassInfo  # noqa: E402
 from semiseg_trainer import protocol  # noqa: E402
 

@@ -84,7 +84,8 @@ def test_phantom_end_to_end_through_the_command_line(tmp_path):
     assert len([e for e in events if e["event"] == "validation"]) == 3
 
     from semiseg.data.datasets import load_phantom
-    from semiseg.data.io import read_label, write_volume
+    from semiseg.data.classes import read_label
+    from semiseg.data.io import write_volume
     data = load_phantom(8, 2)
     for ref in data.test[:2]:
         write_volume(tmp_path / "in" / f"{ref.name}.nrrd", ref.image())
@@ -148,7 +149,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, args, expected):
 
 def test_folder_dataset_geometry_mismatch_names_both_files(tmp_path):
     from semiseg.data.datasets import load_phantom
-    from semiseg.data.io import write_segmentation, write_volume
+    from semiseg.data.io import write_volume
+    from semiseg.data.segfile import write_segmentation
     from semiseg.data.volume import Geometry, Volume
     d = load_phantom(4, 2)
     for ref in d.labeled:

@@ -9,7 +9,8 @@ import torch
 
 from .checkpoint import load_checkpoint, network_from_checkpoint
 from .data.datasets import IMAGE_SUFFIXES, _stem
-from .data.io import read_volume, write_labelmap, write_segmentation
+from .data.io import read_volume, write_labelmap
+from .data.segfile import write_segmentation
 from .data.volume import ClassInfo, Volume
 from .errors import SemiSegError
 from .inference import predict_volume

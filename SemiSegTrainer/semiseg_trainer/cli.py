@@ -190,7 +190,9 @@ def cmd_evaluate(ns, reporter) -> int:
 
 # ------------------------------------------------------------------------------------------ demo
 def cmd_demo(ns, reporter) -> int:
-    from semiseg.data.io import read_label, write_segmentation, write_volume
+    from semiseg.data.classes import read_label
+    from semiseg.data.io import write_volume
+    from semiseg.data.segfile import write_segmentation
     from semiseg.metrics import dice_per_class_fast
     from semiseg.predict import Segmenter
     from semiseg.run import prepare_run

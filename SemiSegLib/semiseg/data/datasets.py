@@ -249,7 +249,8 @@ def _stem(path: Path) -> str:
 
 
 def _file_refs(image: Path, label: Path | None, classes_holder: dict) -> CaseRef:
-    from .io import check_same_grid, read_label, read_volume
+    from .classes import read_label
+    from .io import check_same_grid, read_volume
 
     name = _stem(image)
 
@@ -308,8 +309,8 @@ def load_case_list(cases: list[dict], classes: list[dict], base: Path, dim: int,
 def load_files(spec: str, labeled: int | None, dim: int, class_map="") -> DataSplits:
     """A folder (``X.nrrd`` + ``X.seg.nrrd``/``X.label.nrrd``/``X_label.nii.gz``; unpaired images are unlabeled)
     or a CSV with columns image,label[,split]. Classes are matched across all label files (segment names,
-    labelmap values) with :func:`semiseg.data.io.match_label_classes`; ``class_map`` renames sources."""
-    from .io import match_label_classes
+    labelmap values) with :func:`semiseg.data.classes.match_label_classes`; ``class_map`` renames sources."""
+    from .classes import match_label_classes
 
     path = Path(spec)
     rows: list[tuple[Path, Path | None, str]] = []
@@ -367,7 +368,7 @@ def load_files(spec: str, labeled: int | None, dim: int, class_map="") -> DataSp
 def load_dataset(spec: str, labeled: int | None = None, val_split: str | None = None,
                  test_split: str | None = None, dim: int | None = None, class_map="") -> DataSplits:
     """Resolve a dataset name into its splits (see the module docstring). ``class_map`` matches classes
-    across the label files of a folder/CSV (:func:`semiseg.data.io.parse_class_map`)."""
+    across the label files of a folder/CSV (:func:`semiseg.data.classes.parse_class_map`)."""
     kind, _, arg = spec.partition(":")
     if class_map and kind in LITERATURE_DATASETS + ("phantom_ct",):  # fixed class tables
         raise SemiSegError(f"class_map applies to a folder or CSV of label files, not to the built-in '{kind}' data")

@@ -213,7 +213,8 @@ def write_phantom_dataset(folder, n_cases: int, seed: int = 0, **kw) -> list[tup
 def write_generated_cases(folder, n_cases: int, make_case, classes, prefix: str, seed: int = 0,
                           **kw) -> list[tuple[str, str]]:
     """Cases 0..n_cases-1 of a generator as ``PREFIX_XXX.nrrd`` + ``PREFIX_XXX.seg.nrrd`` (both phantoms)."""
-    from .io import write_segmentation, write_volume
+    from .io import write_volume
+    from .segfile import write_segmentation
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
