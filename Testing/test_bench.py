@@ -2,7 +2,7 @@
 measured, and the table lists every method (tiny phantom configuration, CPU)."""
 import json
 
-from semiseg.bench import bench_method
+from semiseg.benchmark.speed import bench_method
 from semiseg.run import load_run_data
 from semiseg.config import resolve_config
 from semiseg.machine import native_bf16

@@ -2,11 +2,16 @@
 where the spacing is known, mm), and the mean over classes (BENCHMARK.md protocol)."""
 from __future__ import annotations
 
+import csv
+import io
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .data.datasets import CaseRef
 from .inference import predict_volume
 from .metrics import binary_metrics, dice_per_class_fast
@@ -72,3 +77,18 @@ def summarize(results: list[CaseResult]) -> dict:
     per_class = {c: {m: float(np.mean([r.per_class[c][m] for r in results])) for m in metrics} for c in classes}
     mean = {m: float(np.mean([per_class[c][m] for c in classes])) for m in metrics}
     return {"mean": mean, "per_class": per_class, "cases": len(results)}
+
+
+def write_evaluation(out: str | Path, name: str, summary: dict, results: list[CaseResult]) -> tuple[Path, Path]:
+    """``OUT/NAME.json`` (the summary with every case's metrics) and ``OUT/NAME.csv`` (one row per case and
+    class), both written atomically."""
+    out = Path(out)
+    detail = {**summary, "cases_detail": {r.case: r.per_class for r in results}}
+    atomic_write(out / f"{name}.json", json.dumps(detail, indent=2))
+    rows = [{"case": r.case, "class": cname, **m} for r in results for cname, m in r.per_class.items()]
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["case", "class"])
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(out / f"{name}.csv", table.getvalue())
+    return out / f"{name}.json", out / f"{name}.csv"

@@ -6,15 +6,11 @@ run (Ctrl-C, SIGTERM, CANCEL file) writes its checkpoint and exits with code 3.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import os
 import signal
 import sys
 from pathlib import Path
 
-from semiseg.atomic import atomic_write
 from semiseg.fields import parse_text
 from semiseg.planning import PLAN_INPUT_FIELDS
 
@@ -151,7 +147,7 @@ def cmd_evaluate(ns, reporter) -> int:
     from semiseg.checkpoint import load_checkpoint, network_from_checkpoint
     from semiseg.data.datasets import load_dataset
     from semiseg.errors import SemiSegError
-    from semiseg.evaluation import evaluate_cases, summarize
+    from semiseg.evaluation import evaluate_cases, summarize, write_evaluation
     from semiseg.train.loop import select_device
     device = select_device(ns.device)
     ckpt = load_checkpoint(ns.model)
@@ -168,17 +164,7 @@ def cmd_evaluate(ns, reporter) -> int:
     s.update(model=ckpt["path"], data=ns.data, split=ns.split, empty=ns.empty,
              lcc=bool(ns.lcc if ns.lcc is not None else meta.get("lcc")))
     out = Path(ns.out) if ns.out else Path(ckpt["path"]).parent
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / f"evaluate_{ns.split}.json", json.dumps({**s, "cases_detail": {r.case: r.per_class for r in res}}, indent=2))
-    rows = []
-    for r in res:
-        for cname, m in r.per_class.items():
-            rows.append({"case": r.case, "class": cname, **m})
-    table = io.StringIO(newline="")
-    w = csv.DictWriter(table, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write(out / f"evaluate_{ns.split}.csv", table.getvalue())
+    write_evaluation(out, f"evaluate_{ns.split}", s, res)
     if reporter.json:
         reporter({"event": "evaluated", **s})
     else:
@@ -436,7 +422,7 @@ _ARGV: list[str] = []
 
 def cmd_bench(ns, reporter) -> int:
     import shlex
-    from semiseg.bench import bench_method, format_bench_table, write_bench_json
+    from semiseg.benchmark.speed import bench_method, format_bench_table, write_bench_json
     from semiseg.config import resolve_config
     from semiseg.errors import SemiSegError
     from semiseg.run import load_run_data, prepare_run

@@ -1,6 +1,6 @@
 """``semiseg bench``: training speed, peak memory, data-loading share and inference time per method.
 
-Not the multi-run benchmark protocol (:mod:`semiseg.benchmark`): this measures speed, not accuracy.
+The speed part of :mod:`semiseg.benchmark` (whose grid measures accuracy): this measures speed.
 It reuses the Trainer's set-up and its one training step (:meth:`Trainer.train_step`), so what is
 measured is exactly what ``semiseg train`` runs.
 
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write
-from .config import TrainConfig
-from .machine import describe, format_machine
+from ..atomic import atomic_write
+from ..config import TrainConfig
+from ..machine import describe, format_machine
 
 
 def _status_kb(field: str) -> float | None:
@@ -58,8 +58,8 @@ def _reset_cpu_peak() -> bool:
 def bench_method(cfg: TrainConfig, warmup: int = 3, iterations: int = 10, inference_volumes: int = 2,
                  offset: int | None = None, *, data, on_event=None) -> dict:
     """Measure one configuration on its data (both from :func:`semiseg.run.prepare_run`). Returns a JSON-ready dict."""
-    from .inference import predict_volume
-    from .train.loop import Trainer
+    from ..inference import predict_volume
+    from ..train.loop import Trainer
 
     with tempfile.TemporaryDirectory(prefix="semiseg-bench-") as tmp:
         trainer = Trainer(cfg, tmp, data=data)
