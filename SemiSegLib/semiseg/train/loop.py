@@ -224,7 +224,7 @@ class Trainer:
         plan = self.budget.plan(done)
         apply_plan(self, plan)
         if self.dist.is_main:
-            atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
+            atomic_write(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
         self.emit("budget", iteration=done, iterations=plan.iterations, val_every=self.cfg.val_every,
                   seconds_per_iteration=round(plan.seconds_per_iteration, 4),
                   validation_s=round(plan.validation_seconds, 2), remaining_s=round(self.budget.remaining(), 1),
