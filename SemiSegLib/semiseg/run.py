@@ -29,7 +29,7 @@ def load_run_data(cfg: TrainConfig, dim: int | None = None) -> DataSplits:
 
 def prepare_run(explicit: dict, file_values: dict | None = None, out_dir: str | Path | None = None, *,
                 resume: bool = False, data: DataSplits | None = None, baseline: bool = False,
-                on_plan: Callable[[Plan], None] | None = None,
+                on_plan: Callable[[Plan], None] | None = None, on_recipe: Callable[[str], None] | None = None,
                 write_plan: bool = True) -> tuple[TrainConfig, DataSplits, Plan | None]:
     """Resolve the configuration, load the data and plan it when planning applies.
 
@@ -38,7 +38,9 @@ def prepare_run(explicit: dict, file_values: dict | None = None, out_dir: str | 
     loaded once for several methods) instead of loading ``cfg.data``. ``baseline``: the method's matched
     supervised baseline (:func:`semiseg.config.matched_supervised`). The plan is written to
     ``OUT/plan.json`` (unless ``write_plan`` is false); a resumed run reuses it. ``on_plan`` is called with
-    the plan once it is final.
+    the plan once it is final. Under a short ``time_budget`` on a CPU the training size, batch and validation
+    cadence come from :func:`semiseg.planning.budget_recipe.short_budget_recipe` (a layer above the plan, under
+    the config file and the command line); ``on_recipe`` is called with its description.
     """
     file_values = file_values or {}
     cfg = resolve_config(explicit, file_values)
@@ -65,9 +67,31 @@ def prepare_run(explicit: dict, file_values: dict | None = None, out_dir: str | 
             on_plan(plan)
     elif data is None:
         data = load_run_data(cfg)
+    recipe = budget_recipe(cfg)
+    if recipe is not None:
+        cfg = resolve_config(explicit, file_values, {**(plan.config_values() if plan else {}), **recipe.config_values()})
+        if on_recipe:
+            on_recipe(recipe.describe())
     if baseline:
         cfg = matched_supervised(cfg)
     return cfg, data, plan
+
+
+def budget_recipe(cfg: TrainConfig):
+    """The short-budget recipe for ``cfg`` on this machine, or None (no budget, a GPU, or the recipe fits)."""
+    if not cfg.time_budget:
+        return None
+    import torch
+
+    from .machine import describe
+    from .methods import get_method
+    from .planning.budget_recipe import short_budget_recipe
+    from .train.budget import parse_duration
+    gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    machine = {**describe(), "threads": cfg.threads or torch.get_num_threads(), "gpu": "cuda" if gpu else ""}
+    return short_budget_recipe(parse_duration(cfg.time_budget), machine, cfg.dim, tuple(cfg.patch_size),
+                               cfg.labeled_batch, cfg.unlabeled_batch, cfg.iterations, cfg.val_every,
+                               get_method(cfg.method).step_cost)
 
 
 def run_config(explicit: dict, out_dir: str | Path) -> TrainConfig:

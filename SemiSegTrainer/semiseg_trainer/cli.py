@@ -64,6 +64,13 @@ def _report_plan(reporter, plan, path=None) -> None:
         print(plan.describe() + (f"\n  written         {path}" if path else ""), flush=True)
 
 
+def _report_recipe(reporter, text: str) -> None:
+    if reporter.json:
+        reporter({"event": "log", "level": "info", "message": text})
+    else:
+        print(text, flush=True)
+
+
 def cmd_train(ns, reporter) -> int:
     from semiseg.config import load_config_file
     from semiseg.run import prepare_run
@@ -75,7 +82,8 @@ def cmd_train(ns, reporter) -> int:
     rank0 = int(os.environ.get("RANK", "0") or 0) == 0
     cfg, data, _ = prepare_run(split_args(ns), file_values, out, resume=ns.resume, baseline=ns.baseline,
                                write_plan=rank0,
-                               on_plan=(lambda p: _report_plan(reporter, p, out / "plan.json")) if rank0 else None)
+                               on_plan=(lambda p: _report_plan(reporter, p, out / "plan.json")) if rank0 else None,
+                               on_recipe=(lambda text: _report_recipe(reporter, text)) if rank0 else None)
     stop = StopFlag(out)
     summary = Trainer(cfg, out, data=data, on_event=reporter, should_stop=stop).run(resume=ns.resume)
     if not reporter.json and rank0:
@@ -274,7 +282,9 @@ def cmd_run(ns, reporter) -> int:
                         tee(p)
                     pending.clear()
 
-            cfg, data, _ = prepare_run(explicit, None, job / "run", resume=resume, data=data, on_plan=on_plan)
+            cfg, data, _ = prepare_run(explicit, None, job / "run", resume=resume, data=data, on_plan=on_plan,
+                                       on_recipe=lambda text: pending.append({"event": "log", "level": "info",
+                                                                              "message": text}))
             Trainer(cfg, job / "run", data=data, on_event=on_event,
                     should_stop=StopFlag(job)).run(resume=resume)
             return protocol.EXIT_OK

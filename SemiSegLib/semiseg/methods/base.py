@@ -44,6 +44,10 @@ class Method(nn.Module):
     extra_unlabeled_streams: ClassVar[int] = 0  # more independent unlabeled batches (UniMatch's "mix" stream)
     # options counted in iterations: a time budget that shortens the run scales them with it (train/budget.py)
     schedule_options: ClassVar[tuple[str, ...]] = ("rampup_iterations", "consistency_delay")
+    # a training step's cost in image forward passes per batch sample (a backward ~ 2 forwards): Mean Teacher's
+    # student forward+backward on every sample and teacher forward on the unlabeled half = 3.5; the short-budget
+    # planner's speed estimate (planning/budget_recipe.py)
+    step_cost: ClassVar[float] = 3.5
 
     def __init__(self, student: nn.Module, options, ctx: MethodContext):
         super().__init__()

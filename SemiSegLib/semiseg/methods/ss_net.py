@@ -120,6 +120,7 @@ class SeparationMethod(Method):
 class SSNet(SeparationMethod):
     description = ("SS-Net (MICCAI 2022): VAT smoothness + prototype class separation with a learned-selector "
                    "feature memory; single network, Dice-only supervision (code defaults).")
+    step_cost = 8.0  # forward + backward, VAT power iteration (~2) and perturbed forward + backward
     Options = Options
     option_presets = PRESETS
     recipe = RECIPE

@@ -16,6 +16,7 @@ class Options(SupervisedOptions):
 @register_method("supervised")
 class Supervised(Method):
     description = "Labeled data only (the SupBaseline rows of the papers): ½(CE + Dice)."
+    step_cost = 3.0  # forward + backward
     Options = Options
     uses_unlabeled = False
 

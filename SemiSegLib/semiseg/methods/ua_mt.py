@@ -47,6 +47,7 @@ def predictive_entropy(probs_t: torch.Tensor) -> torch.Tensor:
 @register_method("ua_mt")
 class UAMT(MeanTeacher):
     description = "UA-MT: Mean Teacher with consistency only where the teacher's MC-dropout entropy is low."
+    step_cost = 7.5  # Mean Teacher + T = 8 teacher forwards of the unlabeled half
     Options = Options
     option_presets = MT_PRESETS
 

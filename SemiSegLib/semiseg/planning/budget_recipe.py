@@ -1,0 +1,111 @@
+"""A recipe for short time budgets on a CPU: training size and batch chosen from the budget and the machine.
+
+The literature's recipes (ACDC: 256x256, batch 12+12, 30000 iterations) assume a GPU; on a laptop CPU a
+30-minute budget affords a few hundred of their iterations, too few for the schedule to train anything.
+Given the budget and the machine, :func:`short_budget_recipe` estimates the seconds per iteration of the
+recipe and, when the budget affords fewer than ``TARGET_ITERATIONS`` of them, tries in turn: each size of
+a ladder (the recipe's size x 1, 3/4, 1/2, not below ``MIN_SIZE``) with the recipe's batch, then with
+half of it (at least 4); then, at the smallest size, halving the batch again down to one sample per core
+(at least 2 for BatchNorm). The first that affords the target is taken; when none does, the last. The validation cadence is
+set for about ``VALIDATIONS`` validations over the run (the time budget keeps their cost in check).
+On a GPU, or when the recipe fits, nothing changes. Fields the user sets win (this is a layer under the
+config file and the command line).
+
+The speed model is a rough one, ours: an iteration costs ``step_cost`` image forward passes per sample
+(:attr:`semiseg.methods.base.Method.step_cost`) at ``PIXEL_RATE_PER_CORE`` pixel-passes per second per
+core, anchored on Mean Teacher's 2.5 s per 256x256 12+12 iteration measured on a 2-core AVX512-BF16 CPU
+with bf16, channels-last and the kept allocator. Its figures only choose the size; the time budget
+measures the real speed and sets the iteration count.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# pixel-forward-passes per second per core (see the module docstring)
+PIXEL_RATE_PER_CORE = {"bf16": 1.1e6, "fp32": 0.55e6}
+TARGET_ITERATIONS = 3000     # what a short run should afford (ours; not yet tuned on ACDC)
+SIZE_FACTORS = (1.0, 0.75, 0.5)
+MIN_SIZE = {2: 128, 3: 64}
+VALIDATIONS = 10
+SIZE_DIVISOR = 16            # networks.SIZE_DIVISOR (kept here: the planner imports no torch)
+
+
+@dataclass
+class ShortBudgetRecipe:
+    patch_size: tuple[int, ...]
+    labeled_batch: int
+    unlabeled_batch: int
+    val_every: int                 # in the recipe's iteration count (the budget scales it with the run)
+    seconds_per_iteration: float   # estimated, for the chosen recipe
+    iterations_affordable: int     # estimated, within the budget
+    recipe_iterations_affordable: int  # estimated, with the unchanged recipe
+    reason: str
+
+    def config_values(self) -> dict:
+        out = {"patch_size": tuple(self.patch_size), "labeled_batch": self.labeled_batch,
+               "unlabeled_batch": self.unlabeled_batch}
+        if self.val_every:
+            out["val_every"] = self.val_every
+        return out
+
+    def describe(self) -> str:
+        size = "x".join(map(str, self.patch_size))
+        return (f"short-budget recipe: {size}, batch {self.labeled_batch}+{self.unlabeled_batch}, "
+                f"{'about %d validations' % VALIDATIONS if self.val_every else 'no validation'} ({self.reason}; estimated "
+                f"{self.seconds_per_iteration:.2f} s/it, about {self.iterations_affordable} iterations instead "
+                f"of {self.recipe_iterations_affordable} with the full recipe; the budget measures the real speed)")
+
+
+def estimated_seconds_per_iteration(patch_size, labeled_batch: int, unlabeled_batch: int, step_cost: float,
+                                    cores: int, bf16: bool) -> float:
+    rate = PIXEL_RATE_PER_CORE["bf16" if bf16 else "fp32"] * max(cores, 1)
+    return step_cost * (labeled_batch + unlabeled_batch) * math.prod(patch_size) / rate
+
+
+def _sizes(patch_size: tuple[int, ...], dim: int) -> list[tuple[int, ...]]:
+    out = []
+    for f in SIZE_FACTORS:
+        size = tuple(max(int(p * f) // SIZE_DIVISOR * SIZE_DIVISOR, min(MIN_SIZE[dim], p)) for p in patch_size)
+        if size not in out:
+            out.append(size)
+    return out
+
+
+def short_budget_recipe(budget_s: float, machine: dict, dim: int, patch_size: tuple[int, ...], labeled_batch: int,
+                        unlabeled_batch: int, iterations: int, val_every: int,
+                        step_cost: float = 3.5) -> ShortBudgetRecipe | None:
+    """The recipe for ``budget_s`` seconds on ``machine`` (:func:`semiseg.machine.describe`: ``gpu``,
+    ``threads``, ``native_bf16``), or None when the recipe is kept (a GPU, or it affords its iterations)."""
+    if machine.get("gpu"):
+        return None
+    cores, bf16 = int(machine.get("threads") or machine.get("cores") or 1), bool(machine.get("native_bf16"))
+    usable = 0.9 * budget_s  # validations, checkpoints and the final evaluation take the rest
+
+    def affordable(size, lb, ub):
+        s = estimated_seconds_per_iteration(size, lb, ub, step_cost, cores, bf16)
+        return s, int(usable // s)
+
+    _, full = affordable(patch_size, labeled_batch, unlabeled_batch)
+    target = min(TARGET_ITERATIONS, iterations)
+    if full >= target:
+        return None
+    min_batch = max(2, min(cores, labeled_batch))
+    comfortable = max(min_batch, 4, labeled_batch // 2)  # batch halved at most while the size can still shrink
+    sizes = _sizes(tuple(patch_size), dim)
+    candidates = [(size, lb) for size in sizes for lb in dict.fromkeys((labeled_batch, comfortable))]
+    lb = comfortable
+    while lb > min_batch:  # at the smallest size the batch may go down to one sample per core
+        lb = max(min_batch, lb // 2)
+        candidates.append((sizes[-1], lb))
+    choice = None
+    for size, lb in candidates:
+        ub = 0 if unlabeled_batch == 0 else max(min_batch, round(unlabeled_batch * lb / labeled_batch))
+        s, n = affordable(size, lb, ub)
+        if n >= target or (size, lb) == candidates[-1]:
+            reason = f"fits {target} iterations" if n >= target else f"the cheapest candidate; {target} iterations do not fit"
+            choice = (size, lb, ub, s, n, reason)
+            break
+    size, lb, ub, s, n, reason = choice
+    cadence = max(iterations // VALIDATIONS, 1) if val_every else 0
+    return ShortBudgetRecipe(size, lb, ub, cadence, s, n, full, reason)

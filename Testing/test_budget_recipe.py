@@ -1,0 +1,77 @@
+"""The short-budget recipe: given a budget and a machine description, the planner's choice of training size,
+batch and validation cadence is the hand-computed one; a GPU or a recipe that fits keeps the recipe; fields the
+user sets win over it, and prepare_run reports it."""
+import pytest
+
+from semiseg import machine
+from semiseg.planning.budget_recipe import estimated_seconds_per_iteration, short_budget_recipe
+from semiseg.run import prepare_run
+
+CPU_BF16 = {"threads": 2, "native_bf16": True, "gpu": ""}
+ACDC = dict(dim=2, patch_size=(256, 256), labeled_batch=12, unlabeled_batch=12, iterations=30000, val_every=200)
+
+
+def test_speed_model_by_hand():
+    # 3.5 forward passes x 24 samples x 256² pixels at 1.1e6 pixel-passes/s per core on 2 cores
+    assert estimated_seconds_per_iteration((256, 256), 12, 12, 3.5, 2, True) == pytest.approx(
+        3.5 * 24 * 65536 / 2.2e6)
+    assert estimated_seconds_per_iteration((256, 256), 12, 12, 3.5, 2, False) == pytest.approx(
+        2 * 3.5 * 24 * 65536 / 2.2e6)  # fp32 at half the rate
+
+
+@pytest.mark.parametrize("step_cost,machine_desc,expected", [
+    # Mean Teacher, 30 min, 2 bf16 cores: 256² 12+12 affords 647 iterations (2.50 s), 6+6 1296; 192² 1150, 2300;
+    # 128² 12+12 2588 (0.63 s); 128² 6+6 affords 5179 >= 3000 (0.31 s)
+    (3.5, CPU_BF16, ((128, 128), 6, 6, 5179)),
+    # UA-MT (7.5): 128² 6+6 affords 2416, so the batch halves once more: 3+3, 4833
+    (7.5, CPU_BF16, ((128, 128), 3, 3, 4833)),
+    # the same CPU without native bf16 computes at half the rate: Mean Teacher also needs 3+3
+    (3.5, {**CPU_BF16, "native_bf16": False}, ((128, 128), 3, 3, 5179)),
+    # 8 cores: 256² 12+12 affords 2590; the batch is halved to one sample per core at most (8+8): 3884
+    (3.5, {**CPU_BF16, "threads": 8}, ((256, 256), 8, 8, 3884)),
+])
+def test_short_budget_recipe_for_acdc_in_30_minutes(step_cost, machine_desc, expected):
+    r = short_budget_recipe(1800, machine_desc, step_cost=step_cost, **ACDC)
+    assert (r.patch_size, r.labeled_batch, r.unlabeled_batch, r.iterations_affordable) == expected
+    assert r.val_every == 3000  # about 10 validations over the run (the budget scales the cadence with it)
+    assert r.config_values() == {"patch_size": expected[0], "labeled_batch": expected[1],
+                                 "unlabeled_batch": expected[2], "val_every": 3000}
+    assert r.describe().startswith("short-budget recipe: %dx%d, batch %d+%d" % (*expected[0], *expected[1:3]))
+
+
+def test_supervised_keeps_the_size_and_halves_the_batch():
+    r = short_budget_recipe(1800, CPU_BF16, step_cost=3.0, **{**ACDC, "unlabeled_batch": 0})
+    assert (r.patch_size, r.labeled_batch, r.unlabeled_batch) == ((256, 256), 6, 0)  # 3022 iterations
+
+
+def test_nothing_fits_gives_the_cheapest_candidate():
+    r = short_budget_recipe(60, CPU_BF16, step_cost=3.5, **ACDC)
+    assert (r.patch_size, r.labeled_batch, r.unlabeled_batch) == ((128, 128), 2, 2)
+    assert "do not fit" in r.reason
+
+
+def test_a_gpu_or_a_recipe_that_fits_is_kept():
+    assert short_budget_recipe(1800, {**CPU_BF16, "gpu": "NVIDIA H100"}, step_cost=3.5, **ACDC) is None
+    assert short_budget_recipe(36 * 3600, CPU_BF16, step_cost=3.5, **ACDC) is None  # 36 h: 30000 iterations fit
+    # the phantom recipe (96², 4+4, 600 iterations) fits 30 minutes
+    assert short_budget_recipe(1800, CPU_BF16, 2, (96, 96), 4, 4, 600, 100, 3.5) is None
+
+
+def test_3d_patches_shrink_on_every_axis_to_multiples_of_16():
+    r = short_budget_recipe(7200, CPU_BF16, 3, (112, 112, 80), 2, 2, 15000, 0, 3.5)
+    assert (r.patch_size, r.labeled_batch, r.val_every) == ((64, 64, 64), 2, 0)
+
+
+def test_prepare_run_applies_the_recipe_under_what_the_user_sets(monkeypatch):
+    """phantom:6 (96², 4+4, 600 iterations) in 60 s on a described 2-core bf16 CPU: 4+4 affords 461 iterations,
+    2+2 922, so the recipe's batch is 2+2; the user's explicit labeled batch 4 wins over it."""
+    monkeypatch.setattr(machine, "describe", lambda: {"native_bf16": True, "gpu": ""})
+    told = []
+    explicit = {"data": "phantom:6", "method": "mean_teacher", "device": "cpu", "threads": 2, "time_budget": "60s"}
+    cfg, _, _ = prepare_run(explicit, on_recipe=told.append)
+    assert (cfg.patch_size, cfg.labeled_batch, cfg.unlabeled_batch, cfg.val_every) == ((96, 96), 2, 2, 60)
+    assert len(told) == 1 and told[0].startswith("short-budget recipe: 96x96, batch 2+2")
+    cfg, _, _ = prepare_run({**explicit, "labeled_batch": 4})
+    assert (cfg.labeled_batch, cfg.unlabeled_batch) == (4, 2)
+    cfg, _, _ = prepare_run({k: v for k, v in explicit.items() if k != "time_budget"})
+    assert (cfg.labeled_batch, cfg.unlabeled_batch, cfg.val_every) == (4, 4, 100)  # no budget: the recipe
