@@ -143,15 +143,16 @@ def test_header_states_exactly_the_options_used(tmp_path):
         md = B.results_markdown(B.collect_runs([tmp_path / name]))
         return md, option_names(md)
 
-    md, names = header("a", {"iterations": 6, "patch_size": (32, 32)})
+    # budgets past the preset's first validation (100): a shorter run would report the final checkpoint
+    md, names = header("a", {"iterations": 200, "patch_size": (32, 32)})
     assert names == ["iterations", "patch_size"]           # seed and labeled are grid axes, not options
-    assert "- `iterations` = 6 (preset: 600)" in md and "- `patch_size` = 32×32 (preset: 96×96)" in md
-    md, names = header("b", {"iterations": 8, "patch_size": (32, 32)})
-    assert names == ["iterations", "patch_size"] and "- `iterations` = 8 (preset: 600)" in md
-    md, names = header("c", {"iterations": 8, "patch_size": (32, 32), "lr": 0.02, "lcc": True})
+    assert "- `iterations` = 200 (preset: 600)" in md and "- `patch_size` = 32×32 (preset: 96×96)" in md
+    md, names = header("b", {"iterations": 400, "patch_size": (32, 32)})
+    assert names == ["iterations", "patch_size"] and "- `iterations` = 400 (preset: 600)" in md
+    md, names = header("c", {"iterations": 400, "patch_size": (32, 32), "lr": 0.02, "lcc": True})
     assert names == ["iterations", "lcc", "lr", "patch_size"]
     assert "- `lr` = 0.02 (preset: 0.03)" in md and "largest connected component per class on" in md
-    md, names = header("d", {"iterations": 8}, {"consistency": 0.5})
+    md, names = header("d", {"iterations": 400}, {"consistency": 0.5})
     assert names == ["iterations", "mean_teacher"]
     assert "- `mean_teacher` option `consistency` = 0.5 (method default for the preset: 0.1)" in md
     md, names = header("e", {})

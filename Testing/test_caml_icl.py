@@ -146,8 +146,11 @@ def make_caml(dim=2, **opts):
     return cls(net, cls.Options(**opts), MethodContext(dim, 4 if dim == 2 else 2, 1000, "phantom"))
 
 
-def test_memory_holds_only_voxels_both_branches_predict_correctly():
-    m = make_caml(2)
+@pytest.mark.parametrize("rows", ["per_voxel", "as_coded"])
+def test_memory_holds_only_voxels_both_branches_predict_correctly(rows):
+    """Branch A's memory rows: per_voxel = the 16 channels of a voxel; as_coded = the reference's view(-1, 16)
+    of the channel-first tensor: row k = 16 consecutive values of the flattened (C, *S) tensor."""
+    m = make_caml(2, memory_rows=rows)
     # one labeled 1x4 image; classes predicted by V: 0 1 1 0, by A: 0 1 0 0, truth: 0 1 1 1
     y = torch.tensor([[[0, 1, 1, 1]]])
     pv = torch.nn.functional.one_hot(torch.tensor([[[0, 1, 1, 0]]]), 4).movedim(-1, 1).float()
@@ -173,7 +176,8 @@ def test_memory_holds_only_voxels_both_branches_predict_correctly():
 
     with torch.no_grad():
         for cls_, px in ((0, 0), (1, 1)):
-            want = (eval_head(m.proj_v, ev[0, :, 0, px][None]) + eval_head(m.proj_a, ea[0, :, 0, px][None])) / 2
+            a_row = ea[0, :, 0, px] if rows == "per_voxel" else ea.flatten()[16 * px:16 * px + 16]
+            want = (eval_head(m.proj_v, ev[0, :, 0, px][None]) + eval_head(m.proj_a, a_row[None])) / 2
             assert torch.allclose(entry[cls_], want, atol=1e-5)
     # the entry of a sample is overwritten when it reappears; sampling needs enough stored features
     m.update_memory(ev, ea, pv, pv, y, [7])

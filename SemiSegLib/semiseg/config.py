@@ -68,7 +68,10 @@ class TrainConfig:
     time_budget: str = field(default="", metadata=_h("train within this wall time: 30m, 1h, 90s, 1h30m or seconds (1800); the run measures its speed in its first iterations and shortens its schedule (iterations, lr decay, ramp-ups, validation cadence) to end by then, with a final checkpoint. Empty = no budget. SemiSeg option"))
     # validation, checkpoints, logging
     val_every: int = field(default=0, metadata=_h("validate every N iterations (0 = never; ACDC 200)"))
-    selection: str = field(default="", metadata=_h("checkpoint reported: final, val (best on validation), test (paper reproduction only)", choices=["", "final", "val", "test"]))
+    val_from: int = field(default=0, metadata=_h("first iteration that validates (SS-Net on LA: 2000)"))
+    selection: str = field(default="", metadata=_h("checkpoint reported: final, val (best on validation), test (paper reproduction only; on LA without --val-every it validates every 200 iterations from 2000, as SS-Net)", choices=["", "final", "val", "test"]))
+    protocol: str = field(default="semiseg", metadata=_h("evaluation protocol: semiseg (honest: final or validation selection) or paper (the method's published one: selection, LCC, empty-prediction convention, cadence; see `semiseg methods --deviations`)", choices=["semiseg", "paper"]))
+    recipe: str = field(default="", metadata=_h("a named variant of the method's recipe, e.g. icl's train.sh (its authors' ACDC runs, lr 0.1); see `semiseg methods --deviations`"))
     checkpoint_every: int = field(default=500, metadata=_h("write the resumable last checkpoint every N iterations"))
     log_every: int = field(default=10, metadata=_h("progress event every N iterations"))
     # inference
@@ -118,9 +121,12 @@ def resolve_config(explicit: dict[str, Any], file_values: dict[str, Any] | None 
     method_cls = get_method(layered.get("method", TrainConfig.method))
     values: dict[str, Any] = dict(PRESETS[preset])
     values.update(method_cls.recipe.get(preset, {}))
+    values.update(_named_recipe(method_cls, layered.get("recipe", "")))
+    values.update(_paper_protocol(method_cls.name, preset, layered))
     values.update(plan_values or {})
     values.update(layered)
     values["preset"] = preset
+    _selection_cadence(values, layered)
     cfg = TrainConfig.from_dict(values)
     # method options: method defaults for the preset < file < command line
     opts = dataclasses.asdict(method_cls.default_options(preset, cfg.dim))
@@ -139,6 +145,61 @@ def resolve_config(explicit: dict[str, Any], file_values: dict[str, Any] | None 
     validate(cfg)
     cfg.method_options = method_cls.configure_options(dict(cfg.method_options), cfg)
     return cfg
+
+
+def _named_recipe(method_cls, name: str) -> dict[str, Any]:
+    if not name:
+        return {}
+    variants = method_cls.reference.variants if method_cls.reference else {}
+    if name not in variants:
+        known = f"its recipes: {', '.join(variants)}" if variants else "it has no named recipe"
+        raise SemiSegError(f"method '{method_cls.name}' has no recipe '{name}' ({known})")
+    return dict(variants[name])
+
+
+def _paper_protocol(method: str, preset: str, layered: dict[str, Any]) -> dict[str, Any]:
+    """``--protocol paper``: the method's published protocol on this dataset, or one error line."""
+    if layered.get("protocol", TrainConfig.protocol) != "paper":
+        return {}
+    from .methods.reference import paper_protocol
+    values = paper_protocol(method, preset)
+    if values is None:
+        raise SemiSegError(f"--protocol paper: no published protocol of '{method}' on {preset} data "
+                           "(see `semiseg methods --deviations`)")
+    clash = [k for k, v in values.items() if k in layered and layered[k] != v]
+    if clash:
+        k = clash[0]
+        raise SemiSegError(f"--protocol paper sets {k} = {values[k]!r} for {method} on {preset}; "
+                           f"{layered[k]!r} was also given: drop one")
+    return values
+
+
+# SS-Net (``train_ss_3d.py``), MC-Net and BCP select on the LA test set every 200 iterations from 2000
+TEST_SELECTION_CADENCE = {"la": {"val_every": 200, "val_from": 2000}}
+
+
+def _selection_cadence(values: dict[str, Any], layered: dict[str, Any]) -> None:
+    """A selection that validates needs a cadence that validates within the run. Test selection without
+    one takes the reference cadence of the dataset; a preset's own ``val`` default without one becomes
+    ``final`` (it says so); an explicit selection that cannot happen is an error."""
+    sel, every = values.get("selection", ""), values.get("val_every", 0)
+    if sel == "test" and not every and "val_every" not in layered:
+        cadence = TEST_SELECTION_CADENCE.get(values["preset"])
+        if cadence is None:
+            raise SemiSegError(f"--selection test on {values['preset']} data needs --val-every N (no reference cadence)")
+        values.update({k: v for k, v in cadence.items() if k not in layered})
+        every = values["val_every"]
+    if sel not in ("val", "test"):
+        return
+    first = max(every, -(-values.get("val_from", 0) // every) * every) if every else 0
+    if every and first <= values.get("iterations", 0):
+        return
+    if "selection" not in layered and values.get("protocol") != "paper":
+        values["selection"] = "final"
+        return
+    when = (f"the first validation is at iteration {first}, after the run's {values.get('iterations', 0)}" if every
+            else "--val-every is 0")
+    raise SemiSegError(f"--selection {sel} cannot select: {when}; set --val-every N (and --val-from) or --selection final")
 
 
 def matched_supervised(cfg: TrainConfig) -> TrainConfig:

@@ -94,7 +94,8 @@ def cmd_train(ns, reporter) -> int:
 def print_summary(summary: dict) -> None:
     print(f"\n{summary['method']}: {summary['iterations']} iterations in {summary['wall_time_s']:.0f} s "
           f"({summary['it_per_s']:.2f} it/s), peak memory {summary['peak_memory_mb']:.0f} MB; "
-          f"checkpoint selected: {summary['selection']} (iteration {summary['selected_iteration']})")
+          f"checkpoint selected: {summary['selection']} (iteration {summary['selected_iteration']}); "
+          f"{summary.get('protocol', '')}")
     for split in ("val", "test"):
         if split in summary:
             print(f"\n{split} ({summary[split]['cases']} cases):")
@@ -531,7 +532,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     add_config_options(pl, "plan options (the same as train's; what is given overrides the plan)",
                        only=PLAN_INPUT_FIELDS)
     pl.add_argument("--preprocess", action="store_true", help="also preprocess every case twice (timing, cache size)")
-    sub.add_parser("methods", help="list the methods and their hyper-parameters")
+    mth = sub.add_parser("methods", help="list the methods and their hyper-parameters")
+    mth.add_argument("--deviations", action="store_true",
+                     help="instead: every known difference of each method from its reference (paper and code), "
+                          "with its reason and the option that restores the reference")
     sub.add_parser("presets", help="list the dataset recipes")
     r = sub.add_parser("run", help="run a job folder (the Slicer module's protocol)")
     r.add_argument("--job", required=True)
@@ -602,6 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser(method).parse_args(argv)
     _ARGV[:] = argv  # the command line as given (recorded by `semiseg bench --out`)
     reporter = Reporter(ns.json)
+    if ns.command == "methods" and ns.deviations:
+        from semiseg.methods.reference import table_lines
+        print("\n".join(table_lines(sorted(METHODS))))
+        return protocol.EXIT_OK
     if ns.command == "methods":
         import dataclasses
         for name, cls in sorted(METHODS.items()):

@@ -28,7 +28,7 @@ import torch
 from . import register_method
 from .parts.attention import (decoder_attention_score, kappa_schedule, paste_region, strong_feature_noise,
                               threshold_masks, weak_feature_noise)
-from .parts.weak_strong import (ConsistencyOptions, StrongAugOptions, WeakStrongMethod, eval_mode,
+from .parts.weak_strong import (ConsistencyOptions, StrongAugOptions, WeakStrongMethod, eval_mode, family_reference,
                                 pseudo_label)
 from .parts.strong_aug import strong_augment
 from .unimatch import FeatureStreamOptions
@@ -65,6 +65,8 @@ class AGP(WeakStrongMethod):
                    "masks S>0.3, S>0.1) and AttFeaPerb (energy-guided feature noise, κ schedule), τ=0.9. "
                    "3D (V-Net): SemiSeg extension.")
     Options = Options
+    reference = family_reference("Cheng et al., arXiv 2410.12419 (AIGCMatch)",
+                                 "Boomerangli/AIGC-Match AIGCmatch.py, model/unet.py, configs/acdc.yaml", 0.9)
     strong_views = 2
     feature_stream = True
 

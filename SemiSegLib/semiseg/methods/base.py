@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..data.pipeline import Batch
+from .reference import Reference
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Method(nn.Module):
     option_presets: ClassVar[dict[str, dict]] = {}
     # training-recipe fields (TrainConfig) that differ per preset for this method
     recipe: ClassVar[dict[str, dict]] = {}
+    # what the method's authors ran (paper, code, runs, protocol, declared differences): ``reference.py``
+    reference: ClassVar["Reference | None"] = None
     uses_teacher: ClassVar[bool] = False     # the loop builds and EMA-updates ``self.teacher``
     uses_unlabeled: ClassVar[bool] = True    # False: batches carry no unlabeled stream
     extra_unlabeled_streams: ClassVar[int] = 0  # more independent unlabeled batches (UniMatch's "mix" stream)

@@ -42,6 +42,7 @@ from .parts.cma import build_auxiliary_branch
 from .parts.correlation import LabeledFeatureMemory, correlation_matrix, omni_correlation_loss
 from .parts.heads import MLPHead, pixels_to_rows
 from .parts.sharpen import mutual_consistency
+from .reference import LA_FINAL, Differs, Note, Reference
 
 # the released runs' ramp lengths (R·150 iterations) by label count: 4 → R=40, 8 → R=20, 16 → R=15
 RAMP_BY_LABELS = ((4, 6000), (8, 3000), (16, 2250))
@@ -79,6 +80,12 @@ class Options:
                 "(CAML/SS-Net 3D; averaged over foreground classes if more), multiclass = SSL4MIS Dice over all classes "
                 "(MC-Net/SS-Net 2D); auto = binary in 3D, multiclass in 2D (SemiSeg's 2D extension)",
         "choices": ["auto", "binary", "multiclass"]})
+    memory_rows: str = field(default="as_coded", metadata={
+        "help": "how branch A's labeled embeddings become memory rows: as_coded = the reference's "
+                "view(-1, 16) of the channel-first tensor (train_caml.py permutes only branch V's), so each row of "
+                "the A half is 16 consecutive values along the last spatial axis of one channel; it produced the "
+                "published numbers. per_voxel = the 16 channels of each voxel (the evident intent)",
+        "choices": ["as_coded", "per_voxel"]})
     aux_upsampling: str = field(default="auto", metadata={
         "help": "branch A upsampling: auto = trilinear (V-Net, as coded) / bilinear (UNet, SemiSeg's 2D extension)",
         "choices": ["auto", "trilinear", "bilinear", "transpose"]})
@@ -89,6 +96,19 @@ PRESETS = {
 }
 
 
+REFERENCE = Reference(
+    paper="Gao et al., MICCAI 2023, arXiv 2307.06312",
+    code="Herschel555/CAML code/train_caml.py, code/networks/VNet.py, code/utils/feature_memory.py, code/test_3d.py",
+    runs={"la": {"iterations": 15000, "lr_schedule": "constant", "lr": 0.01, "labeled_batch": 2, "unlabeled_batch": 2,
+                 "memory_rows": "as_coded", "embedding_dim": 32, "memory_per_class": 256, "num_filtered": 12800,
+                 "seed": 3407}},
+    protocol={"la": LA_FINAL},
+    differs={"la:seed": Differs(1337, "the lineage's seed and the script's default (the released runs used 3407)")},
+    notes=(Note("memory bank on the training device (host numpy arrays in the reference)",
+                "speed (the reference's LA runs take 16-24 h); same content and sampling rule"),
+           Note("2D (UNet) variant", "CAML was run on LA only: SemiSeg's extension")))
+
+
 @register_method("caml")
 class CAML(Method):
     description = ("CAML (MICCAI 2023): V-Net + auxiliary V-Net with cross-sample mutual attention, sharpened "
@@ -97,6 +117,7 @@ class CAML(Method):
                    "the host: same semantics). The 2D UNet variant is SemiSeg's own extension.")
     Options = Options
     option_presets = PRESETS
+    reference = REFERENCE
     recipe = {"la": {"lr_schedule": "constant", "lr": 0.01, "iterations": 15000, "labeled_batch": 2,
                      "unlabeled_batch": 2},
               # 2D extension: branch V keeps MC-Net's first 2D decoder (transposed convolutions,
@@ -150,6 +171,12 @@ class CAML(Method):
             kind = "binary" if self.ctx.dim == 3 else "multiclass"
         return dice_loss(probs, label, kind)
 
+    def memory_rows_a(self, emb: torch.Tensor) -> torch.Tensor:
+        """Branch A's (1, C, *S) labeled embedding as (prod(S), C) rows, matched to voxels in order."""
+        if self.options.memory_rows == "as_coded":
+            return emb.reshape(-1, emb.shape[1])  # channel-first memory read C values at a time
+        return pixels_to_rows(emb)
+
     @torch.no_grad()
     def update_memory(self, emb_v, emb_a, p_v, p_a, label, indices) -> torch.Tensor:
         """Store ½[proj_v(e_v) + proj_a(e_a)] (heads in eval mode) of the voxels both branches predict
@@ -163,7 +190,7 @@ class CAML(Method):
         for i in range(label.shape[0]):
             m = correct[i].flatten()
             zv = self.proj_v(pixels_to_rows(emb_v[i:i + 1])[m].float())
-            za = self.proj_a(pixels_to_rows(emb_a[i:i + 1])[m].float())
+            za = self.proj_a(self.memory_rows_a(emb_a[i:i + 1])[m].float())
             feats.append((zv + za) / 2)
             labels.append(label[i].flatten()[m])
         for h, was in zip(heads, modes):

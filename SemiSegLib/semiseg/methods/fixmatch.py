@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import register_method
-from .parts.weak_strong import (NON_REFERENCE_DATA, ConsistencyOptions, CutMixOptions, StrongAugOptions,
+from .reference import Note
+from .parts.weak_strong import (NON_REFERENCE_DATA, family_reference, ConsistencyOptions, CutMixOptions, StrongAugOptions,
                                 WeakStrongMethod)
 
 
@@ -37,6 +38,13 @@ class FixMatch(WeakStrongMethod):
     description = ("FixMatch (UniMatch medical setting): weak-view pseudo-labels (τ=0.95) supervise one strong "
                    "view (colour jitter, blur, CutMix from a mix batch); masked Dice. 3D: SemiSeg extension.")
     Options = Options
+    reference = family_reference(
+        "Sohn et al., NeurIPS 2020, in the medical setting of UniMatch (Yang et al., CVPR 2023)",
+        "LiheYoung/UniMatch more-scenarios/medical (FixMatch = one strong view, no feature stream, as in its "
+        "ablations), model/unet.py, configs/acdc.yaml", 0.95, joint_forward=False,
+        extra_notes=(Note("off the ACDC data: one BatchNorm batch for labeled, weak and strong views (joint_forward)",
+                          "measured on the phantom: the separate strong pass collapsed (BatchNorm statistics); "
+                          "FixMatch's own code runs one batch", "--no-joint-forward"),))
     option_presets = {preset: dict(values, joint_forward=True) for preset, values in NON_REFERENCE_DATA.items()}
     strong_views = 1
     feature_stream = False

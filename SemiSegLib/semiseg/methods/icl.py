@@ -26,6 +26,7 @@ HD95 penalty convention (``--empty penalty``); SemiSeg's recipe keeps the shared
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ from ..losses import dice_loss_multiclass, supervised_loss
 from ..networks import SIZE_DIVISOR
 from . import register_method
 from .base import Method
+from .reference import HONEST, VAL_TEST, Differs, Note, Reference
 from .parts.icl_modules import (ICL_CHANNELS, SemanticProxyModule, expected_parameters, token_counts_for)
 
 LR_NOTE = ("learning rate: reference script default 0.01 (SemiSeg's recipe), its train.sh uses 0.1 for every "
@@ -60,6 +62,20 @@ class Options:
 
 
 RECIPE = {"acdc": {"labeled_batch": 8, "unlabeled_batch": 8, "lr_schedule": "poly", "lr": 0.01}}
+REFERENCE = Reference(
+    paper="Zhu et al., MIDL 2023, arXiv 2303.14175",
+    code="zhuye98/ICL code/train_inherent_consistent_unet_2D.py, code/networks/unet_icl.py, code/utils/losses.py, "
+         "code/train.sh",
+    runs={"2d": {"upsampling": "bilinear"},
+          "acdc": {"labeled_batch": 8, "unlabeled_batch": 8, "lr_schedule": "poly", "iterations": 30000, "lr": 0.1}},
+    protocol={"acdc": {"selection": "test", "val_every": 200, "empty": "penalty"}},
+    differs={"acdc:lr": Differs(0.01, "the training script's default; its train.sh runs every ACDC experiment with "
+                                      "0.1 and which one produced the paper is unknown (--recipe train.sh)"),
+             "acdc:selection": Differs("val", HONEST),
+             "acdc:empty": Differs("zero", "one convention across methods (the lineage's zeros); ICL's HD95 "
+                                           "penalty of 373.13 is --empty penalty")},
+    notes=(VAL_TEST,),
+    variants={"train.sh": {"lr": 0.1}})
 
 
 def available_bytes(device: torch.device) -> int:
@@ -91,6 +107,7 @@ class ICL(Method):
                    "training); the saved model is a plain UNet. " + LR_NOTE + ".")
     Options = Options
     recipe = RECIPE
+    reference = REFERENCE
     exact: bool = True
 
     @classmethod
@@ -243,6 +260,9 @@ class ICLLite(ICL):
                    "N→N MLP replaced by a depthwise 3x3 + 1x1 conv on the (heads, h, w) attention maps "
                    "(~0.6 M training-only parameters, any image size); the saved model is a plain UNet. "
                    + LR_NOTE + ".")
+    reference = dataclasses.replace(REFERENCE, notes=REFERENCE.notes + (
+        Note("SSPA/USCL with a light conv in place of the token-axis N->N MLPs",
+             "the exact modules have about 1.15 B training-only parameters at 256x256", "--method icl"),))
     exact = False
 
 

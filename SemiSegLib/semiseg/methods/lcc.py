@@ -27,6 +27,7 @@ from .common import teacher_noise
 from .parts.confidence import confidence_mask, entropy_mask, low_confidence_consistency
 from .ss_net import RECIPE as SSNET_RECIPE, RampOptions, SeparationMethod, SSNetSupervisedOptions
 from .parts.prototypes import SeparationOptions
+from .reference import Note, Reference
 from .ua_mt import uncertainty_threshold
 
 
@@ -55,12 +56,21 @@ _PHANTOM = {"consistency": 0.1, "rampup_iterations": 300}
 PRESETS = {"acdc": {}, "2d": {}, "la": _LA, "3d": _LA, "phantom": _PHANTOM}
 
 
+REFERENCE = Reference(
+    paper="Gao & Yu, ISBP 2023, DOI 10.1109/ISBP57705.2023.10061306 (abstract only)",
+    code="none public; reconstructed on SS-Net's code (ycwu1997/SS-Net)",
+    runs={"2d": {"upsampling": "bilinear"}},
+    notes=(Note("the whole method: thresholds, pixel subsets and weights are inferred from the abstract and SS-Net",
+                "no code or full text was available"),))
+
+
 @register_method("lcc")
 class LCC(SeparationMethod):
     description = ("LCC (Gao & Yu, ISBP 2023), RECONSTRUCTED implementation (no public code; from the abstract + "
                    "SS-Net): mean-teacher consistency and prototype class separation on low-confidence pixels only.")
     Options = Options
     option_presets = PRESETS
+    reference = REFERENCE
     recipe = SSNET_RECIPE  # [INF] the SS-Net training recipe for both datasets
     uses_teacher = True
 

@@ -13,6 +13,7 @@ from ..schedules import consistency_weight
 from . import register_method
 from .base import Method
 from .common import SupervisedOptions, labeled_loss, teacher_noise
+from .reference import ACDC_VAL, Note, Reference
 
 
 @dataclass
@@ -35,11 +36,23 @@ PRESETS = {
 }
 
 
+REFERENCE = Reference(
+    paper="Tarvainen & Valpola, NeurIPS 2017, as ported by SSL4MIS",
+    code="HiLab-git/SSL4MIS code/train_mean_teacher_2D.py, code/networks/unet.py",
+    runs={"2d": {"upsampling": "bilinear"},
+          "acdc": {"consistency": 0.1, "rampup_iterations": 30000, "consistency_delay": 1000, "iterations": 30000,
+                   "labeled_batch": 12, "unlabeled_batch": 12, "lr_schedule": "poly"}},
+    protocol={"acdc": ACDC_VAL},
+    notes=(Note("3D (LA): UA-MT's recipe without the uncertainty mask", "no plain 3D Mean Teacher script exists "
+                "in the LA lineage (yulequan/UA-MT has none)"),))
+
+
 @register_method("mean_teacher")
 class MeanTeacher(Method):
     description = "Mean Teacher: EMA teacher, MSE consistency on noisy unlabeled inputs."
     Options = Options
     option_presets = PRESETS
+    reference = REFERENCE
     uses_teacher = True
 
     def teacher_probs(self, u: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from ..losses import supervised_loss
 from ..schedules import consistency_weight
 from . import register_method
+from .reference import ACDC_VAL, HONEST, Differs, Reference
 from .base import Method
 from .parts.prototypes import PrototypeSeparation, SeparationOptions, embedding_channels
 from .parts.vat import DISTANCES, vat_loss
@@ -88,6 +89,24 @@ RECIPE = {"acdc": {"lr_schedule": "constant"},
           "la": {"lr_schedule": "step"}}
 
 
+REUSE = ("speed: one forward fewer; the VAT target is the main forward's detached prediction (same distribution; "
+         "BatchNorm running statistics update once per step instead of twice)")
+REFERENCE = Reference(
+    paper="Wu et al., MICCAI 2022, arXiv 2203.01324",
+    code="ycwu1997/SS-Net code/train_ss_2d.py, code/train_ss_3d.py, code/utils/losses.py, code/test_LA.py",
+    runs={"2d": {"upsampling": "bilinear", "vat_reuse_target": False},
+          "acdc": {"lr_schedule": "constant", "iterations": 30000, "labeled_batch": 12, "unlabeled_batch": 12,
+                   "consistency": 0.1, "rampup_iterations": 30000, "vat_eps": 6.0, "sup_loss": "dice"},
+          "la": {"lr_schedule": "step", "iterations": 15000, "labeled_batch": 2, "unlabeled_batch": 2,
+                 "consistency": 1.0, "rampup_iterations": 6000, "vat_eps": 10.0, "vat_reuse_target": False}},
+    protocol={"acdc": ACDC_VAL,
+              "la": {"selection": "test", "val_every": 200, "val_from": 2000, "lcc": True, "empty": "zero"}},
+    differs={"vat_reuse_target": Differs(True, REUSE),
+             "la:selection": Differs("final", HONEST), "la:val_every": Differs(0, HONEST),
+             "la:val_from": Differs(0, HONEST),
+             "la:lcc": Differs(False, "SemiSeg reports the network's own output; LCC is a post-processing choice")})
+
+
 class SeparationMethod(Method):
     """Shared wiring of ss_net and lcc: the separation module, the supervised loss and the ramped weight."""
 
@@ -124,6 +143,7 @@ class SSNet(SeparationMethod):
     Options = Options
     option_presets = PRESETS
     recipe = RECIPE
+    reference = REFERENCE
 
     def distance(self):
         o = self.options

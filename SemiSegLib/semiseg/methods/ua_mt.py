@@ -16,10 +16,14 @@ from ..schedules import sigmoid_rampup
 from . import register_method
 from .mean_teacher import PRESETS as MT_PRESETS, MeanTeacher, Options as MTOptions
 from .common import labeled_loss, teacher_noise
+from .reference import ACDC_VAL, LA_FINAL, Differs, Reference
 
 
 @dataclass
 class Options(MTOptions):
+    consistency_delay: int = field(default=0, metadata={
+        "help": "consistency forced to 0 before this iteration (UA-MT has none, in 2D and 3D; its Mean Teacher "
+                "sibling in SSL4MIS 2D waits 1000)"})
     mc_passes: int = field(default=8, metadata={"help": "T, stochastic teacher passes for the uncertainty (even)"})
     threshold_base: float = field(default=0.75, metadata={"help": "uncertainty threshold start, as a fraction of ln 2"})
     mc_copies_per_pass: int = field(default=0, metadata={
@@ -44,12 +48,30 @@ def predictive_entropy(probs_t: torch.Tensor) -> torch.Tensor:
     return -(mean * torch.log(mean + 1e-6)).sum(1, keepdim=True)
 
 
+# Mean Teacher's presets without its 2D delay; LA: UA-MT's 6000-iteration run (the threshold ramp spans the run)
+PRESETS = {p: {**v, "consistency_delay": 0} for p, v in MT_PRESETS.items()}
+RECIPE = {"la": {"iterations": 6000, "lr_schedule": "step"}}
+REFERENCE = Reference(
+    paper="Yu et al., MICCAI 2019",
+    code="yulequan/UA-MT code/train_LA_meanteacher_certainty_unlabel.py (LA); HiLab-git/SSL4MIS "
+         "code/train_uncertainty_aware_mean_teacher_2D.py (2D)",
+    runs={"2d": {"upsampling": "bilinear", "consistency_delay": 0, "mc_copies_per_pass": 2},
+          "acdc": {"iterations": 30000, "rampup_iterations": 30000, "labeled_batch": 12, "unlabeled_batch": 12},
+          "la": {"iterations": 6000, "rampup_iterations": 6000, "lr_schedule": "step", "consistency_delay": 0,
+                 "labeled_batch": 2, "unlabeled_batch": 2, "mc_copies_per_pass": 2}},
+    protocol={"acdc": ACDC_VAL, "la": LA_FINAL},
+    differs={"mc_copies_per_pass": Differs(0, "speed: all T noisy copies in one teacher forward; BatchNorm's batch "
+                                              "statistics then pool T copies instead of 2")})
+
+
 @register_method("ua_mt")
 class UAMT(MeanTeacher):
     description = "UA-MT: Mean Teacher with consistency only where the teacher's MC-dropout entropy is low."
     step_cost = 7.5  # Mean Teacher + T = 8 teacher forwards of the unlabeled half
     Options = Options
-    option_presets = MT_PRESETS
+    option_presets = PRESETS
+    recipe = RECIPE
+    reference = REFERENCE
 
     def mc_probs(self, u: torch.Tensor) -> torch.Tensor:
         """(T, B, C, *S) teacher softmax samples, each copy of ``u`` with its own noise and dropout masks,

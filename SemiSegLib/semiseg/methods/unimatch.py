@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import register_method
-from .parts.weak_strong import ConsistencyOptions, CutMixOptions, StrongAugOptions, WeakStrongMethod
+from .parts.weak_strong import (ConsistencyOptions, CutMixOptions, StrongAugOptions, WeakStrongMethod,
+                                 family_reference)
 
 
 @dataclass
@@ -33,5 +34,8 @@ class UniMatch(WeakStrongMethod):
     description = ("UniMatch: two strong views with CutMix from a mix batch + a Dropout2d feature stream, "
                    "masked Dice (τ=0.95), ½[Lx + ¼Ls1 + ¼Ls2 + ½Lfp]. 3D (V-Net): SemiSeg extension.")
     Options = Options
+    reference = family_reference("Yang et al., CVPR 2023",
+                                 "LiheYoung/UniMatch more-scenarios/medical/unimatch.py, model/unet.py, configs/acdc.yaml",
+                                 0.95)
     strong_views = 2
     feature_stream = True

@@ -29,6 +29,7 @@ from ..errors import CancelledError, SemiSegError
 from ..evaluation import evaluate_cases, summarize
 from ..machine import keep_freed_memory
 from ..methods import MethodContext, get_method
+from ..methods.reference import protocol_label
 from ..networks import build_network
 from ..schedules import ema_decay, learning_rate
 from . import distributed as D
@@ -338,7 +339,8 @@ class Trainer:
                     sums, n_acc, last_logged = {}, 0, done
                     t_window = now
                 last_of_budget = self.budget is not None and done == cfg.iterations  # the budget's final model
-                if cfg.val_every and self.val_refs and (done % cfg.val_every == 0 or last_of_budget):
+                if (cfg.val_every and self.val_refs and done >= cfg.val_from
+                        and (done % cfg.val_every == 0 or last_of_budget)):
                     t0, c0 = time.perf_counter(), self.clock()
                     if main:  # rank 0 validates; the others wait (no duplicated validation work)
                         self._validate(done)
@@ -368,6 +370,7 @@ class Trainer:
         summary = {
             "method": cfg.method, "data": self.data.summary(), "iterations": cfg.iterations,
             "selection": cfg.selection, "selected_iteration": self.best_step,
+            "protocol": protocol_label(cfg.protocol, cfg.selection),
             "best_val_dice": self.best if self.best >= 0 else None,
             "wall_time_s": round(self.elapsed, 2),
             "it_per_s": round((cfg.iterations - start) / max(self.train_seconds, 1e-9), 3),
