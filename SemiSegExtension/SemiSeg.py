@@ -69,17 +69,19 @@ class SemiSeg(ScriptedLoadableModule):
 # SemiSegWidget
 #
 class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Thin: reads the panel, calls the logic, shows what the logic reports."""
+    """Thin: reads the panel, calls the logic, shows what the logic reports. The panel's choices live in
+    the module's parameter node (see the library's parameters module), so they are saved with the scene."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.sourceOverrides: dict[str, str] = {}   # segmentation ID -> volume ID picked by hand
-        self.optionWidgets: dict[str, object] = {}
+        self.optionRows = {}                         # method options: name -> optionform.OptionRow
+        self.trainingRows = {}                       # shared training options
         self.optionsContainer = None
-        self.trainingWidgets = {}
         self.methodInfos = {}
+        self._updatingGUI = False
 
     # ------------------------------------------------------------------ setup
     def setup(self):
@@ -90,7 +92,10 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SemiSegLogic()
 
+        # observers and connections first: nothing below may leave the panel half wired
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.ui.labeledSegmentationsComboBox.connect("checkedNodesChanged()", self.updateInputs)
         self.ui.unlabeledVolumesComboBox.connect("checkedNodesChanged()", self.updateInputs)
         self.ui.segmentVolumesComboBox.connect("checkedNodesChanged()", self.updateButtons)
@@ -100,6 +105,11 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.dimensionComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.presetComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
+        for box in (self.ui.iterationsSpinBox, self.ui.labeledBatchSpinBox, self.ui.unlabeledBatchSpinBox,
+                    self.ui.validationCasesSpinBox, self.ui.timeBudgetSpinBox, self.ui.keepJobsSpinBox):
+            box.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.show3DCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
         self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlot)
@@ -107,15 +117,15 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveModelButton.connect("clicked(bool)", self.onSaveModel)
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.refreshEngineButton.connect("clicked(bool)", self.onRefreshEngine)
+        self.ui.cleanUpJobsButton.connect("clicked(bool)", self.onCleanUpJobs)
         self.ui.workspacePathLineEdit.connect("currentPathChanged(QString)", self.onWorkspaceChanged)
+        self.logic.addObserverCallbacks(self.onJobEvent, self.onJobLog, self.onJobFinished)
 
         self.ui.dimensionComboBox.addItem(_tr("3D (V-Net on patches)"), 3)
         self.ui.dimensionComboBox.addItem(_tr("2D (U-Net on slices)"), 2)
-        self.ui.workspacePathLineEdit.currentPath = str(self.logic.workspace)
         self.populateFromEngine()
-        self.logic.addObserverCallbacks(self.onJobEvent, self.onJobLog, self.onJobFinished)
-        self.updateInputs()
-        self.updateButtons()
+        self.updateGUIFromParameterNode()
 
     def cleanup(self):
         self.removeObservers()
@@ -123,55 +133,75 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.removeObserverCallbacks(self.onJobEvent, self.onJobLog, self.onJobFinished)
             self.logic.shutdown()  # never leave a trainer running without its module
 
+    def onReload(self):
+        """Slicer's Reload reloads SemiSeg.py only: reload the module's library too."""
+        import SemiSegSlicerLib
+        SemiSegSlicerLib.reload_library()
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self):
-        self.updateInputs()
-        self.updateButtons()  # a job may have finished while the module was not shown
+        self.updateGUIFromParameterNode()  # a job may have finished while the module was not shown
 
     def onSceneStartClose(self, caller, event):
-        if self.logic and self.logic.isRunning:
-            self.log(_tr("Scene closed: stopping the running job (its checkpoint is kept for Resume)."))
-            self.logic.cancel()
+        if self.logic:
+            message = self.logic.sceneAboutToClose()
+            if message:
+                self.log(message)
         self.sourceOverrides.clear()
 
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.updateGUIFromParameterNode()
+
+    def onSceneEndImport(self, caller, event):
+        self.logic.restoreFromScene()  # a loaded scene brings its own panel state and last job
+        self.updateGUIFromParameterNode()
+
     # ------------------------------------------------------------------ engine-derived widgets
-    def populateFromEngine(self):
-        """Methods, presets, devices: only once torch imports (never installs anything here)."""
+    def populateFromEngine(self, refresh=False):
+        """Methods, presets and devices as the engine describes them (a short trainer process, cached). A
+        failure is shown in the panel, never raised: setup() must complete."""
         ok, text = self.logic.dependencyStatus()
         self.ui.dependencyStatusLabel.text = text
         self.ui.installDependenciesButton.visible = not ok
-        if not ok:
+        combos = (self.ui.methodComboBox, self.ui.presetComboBox, self.ui.deviceComboBox)
+        for combo in combos:
+            combo.blockSignals(True)
+        try:
             self.ui.methodComboBox.clear()
-            self.ui.methodComboBox.addItem(_tr("(install PyTorch first)"), "")
-            return
-        with slicer.util.tryWithErrorDisplay(_tr("Cannot read the SemiSeg engine's methods."), waitCursor=True):
-            self.ui.methodComboBox.blockSignals(True)
-            self.ui.methodComboBox.clear()
-            self.methodInfos = {m.name: m for m in self.logic.methods(3)}
+            self.methodInfos = {}
+            if not ok:
+                self.ui.methodComboBox.addItem(_tr("(install PyTorch first)"), "")
+                return
+            try:
+                catalog = self.logic.catalog(refresh=refresh)
+            except Exception as e:  # noqa: BLE001 - shown in the panel, with a button to try again
+                self.ui.dependencyStatusLabel.text = _tr("The SemiSeg engine could not start: ") + str(e)
+                self.ui.methodComboBox.addItem(_tr("(engine unavailable)"), "")
+                return
+            self.methodInfos = {m.name: m for m in catalog.methods(3)}
             for m in self.methodInfos.values():
                 self.ui.methodComboBox.addItem(m.name, m.name)
                 self.ui.methodComboBox.setItemData(self.ui.methodComboBox.count - 1, m.description, 3)  # tooltip
-            index = self.ui.methodComboBox.findData("mean_teacher")
-            self.ui.methodComboBox.setCurrentIndex(max(index, 0))
-            self.ui.methodComboBox.blockSignals(False)
-            self.ui.presetComboBox.blockSignals(True)
             self.ui.presetComboBox.clear()
             self.ui.presetComboBox.addItem(_tr("generic (by dimension)"), "")
-            for p in self.logic.presets():
+            for p in catalog.presets:
                 self.ui.presetComboBox.addItem(p, p)
-            self.ui.presetComboBox.blockSignals(False)
-            info = self.logic.deviceInfo()
             self.ui.deviceComboBox.clear()
-            for value, label in info["choices"]:
+            for value, label in catalog.devices["choices"]:
                 self.ui.deviceComboBox.addItem(label, value)
-            self.ui.deviceInfoLabel.text = info["text"]
-            self.onMethodChanged()
+            self.ui.deviceInfoLabel.text = self.logic.deviceSummary()
+        finally:
+            for combo in combos:
+                combo.blockSignals(False)
 
     def onMethodChanged(self, *_):
         """Description and the Advanced options of the chosen method, with the paper's defaults for the
-        chosen preset/dimension (generated from the method's Options dataclass)."""
+        chosen preset/dimension; the user's saved changes are shown again."""
         import qt
+        from SemiSegSlicerLib import optionform
         name = self.ui.methodComboBox.currentData
-        if not name or not self.methodInfos:
+        if self._updatingGUI or not name or not self.methodInfos:
             return
         dim = int(self.ui.dimensionComboBox.currentData or 3)
         preset = self.ui.presetComboBox.currentData or ""
@@ -185,78 +215,93 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.optionsContainer.deleteLater()
         self.optionsContainer = qt.QWidget()
         form = qt.QFormLayout(self.optionsContainer)
-        self.optionWidgets = self._addOptionRows(form, info.options)
-        # the training options shared by every method (lr, schedule, EMA, precision, planning, class map, ...)
+        self.optionRows = optionform.add_rows(qt, form, info.options)
         form.addRow(qt.QLabel("<b>" + _tr("Training (all methods)") + "</b>"))
-        self.trainingWidgets = self._addOptionRows(form, self.logic.trainingOptions(name, dim, preset))
+        self.trainingRows = optionform.add_rows(qt, form, self.logic.trainingOptions(name, dim, preset))
+        state = self.logic.panelState()
+        if state.method == name:
+            optionform.restore(self.optionRows, state.method_options)
+        optionform.restore(self.trainingRows, state.training_options)
+        for row in list(self.optionRows.values()) + list(self.trainingRows.values()):
+            for signal in ("toggled(bool)", "valueChanged(int)", "valueChanged(double)",
+                           "currentIndexChanged(int)", "textChanged(QString)"):
+                if hasattr(row.widget, signal.split("(")[0]):
+                    row.widget.connect(signal, self.updateParameterNodeFromGUI)
         self.ui.methodOptionsFrame.layout().addWidget(self.optionsContainer)
         defaults = self.logic.resolvedDefaults(name, dim, preset)
         for box, key in ((self.ui.iterationsSpinBox, "iterations"), (self.ui.labeledBatchSpinBox, "labeled_batch"),
                          (self.ui.unlabeledBatchSpinBox, "unlabeled_batch")):
             box.specialValueText = _tr("preset default") + (f" ({defaults[key]})" if key in defaults else "")
-
-    def _addOptionRows(self, form, options) -> dict:
-        """One labelled widget per option (help as tooltip); returns {name: (option, widget)}."""
-        import qt
-        widgets = {}
-        for o in options:
-            w = self._optionWidget(o)
-            w.toolTip = o.help
-            label = qt.QLabel(o.label + ":")
-            label.toolTip = o.help
-            form.addRow(label, w)
-            widgets[o.name] = (o, w)
-        return widgets
-
-    @staticmethod
-    def _optionWidget(o):
-        import qt
-        if o.kind == "bool":
-            w = qt.QCheckBox()
-            w.checked = bool(o.default)
-        elif o.kind == "int":
-            w = qt.QSpinBox()
-            w.setRange(-10**9, 10**9)
-            w.value = int(o.default)
-        elif o.kind == "float":
-            w = qt.QDoubleSpinBox()
-            w.setDecimals(6)
-            w.setRange(-1e9, 1e9)
-            w.value = float(o.default)
-        elif o.kind == "choice":
-            w = qt.QComboBox()
-            for c in o.choices:
-                w.addItem(str(c), c)
-            w.setCurrentIndex(max(0, w.findData(o.default)))
-        else:
-            w = qt.QLineEdit(" ".join(map(str, o.default)) if isinstance(o.default, (list, tuple)) else str(o.default))
-        return w
+        self.updateParameterNodeFromGUI()
 
     def methodOptions(self) -> dict:
-        """Only the method options the user changed from the displayed default."""
-        return self._changedValues(self.optionWidgets)
+        from SemiSegSlicerLib import optionform
+        return optionform.changed(self.optionRows)
 
     def trainingOptions(self) -> dict:
-        """Only the training options the user changed from the displayed default."""
-        return self._changedValues(getattr(self, "trainingWidgets", {}))
+        from SemiSegSlicerLib import optionform
+        return optionform.changed(self.trainingRows)
 
-    @staticmethod
-    def _changedValues(widgets) -> dict:
-        out = {}
-        for name, (o, w) in widgets.items():
-            if o.kind == "bool":
-                v = bool(w.checked)
-            elif o.kind in ("int", "float"):
-                v = type(o.default)(w.value)
-            elif o.kind == "choice":
-                v = w.currentData
-            elif o.kind in ("ints", "floats"):
-                v = [(int if o.kind == "ints" else float)(x) for x in w.text.split()]
-            else:
-                v = w.text
-            if v != o.default and not (o.kind in ("ints", "floats") and list(v) == list(o.default)):
-                out[name] = v
-        return out
+    # ------------------------------------------------------------------ parameter node <-> panel
+    def updateGUIFromParameterNode(self, *_):
+        """Show the scene's panel state (saved with the scene; restored when a scene is loaded)."""
+        import qt
+        state = self.logic.panelState()
+        self._updatingGUI = True
+        try:
+            scene = slicer.mrmlScene
+            for combo, ids in ((self.ui.labeledSegmentationsComboBox, state.labeled),
+                               (self.ui.unlabeledVolumesComboBox, state.unlabeled),
+                               (self.ui.segmentVolumesComboBox, state.to_segment)):
+                for node in combo.checkedNodes():
+                    combo.setCheckState(node, qt.Qt.Unchecked)
+                for node_id in ids:
+                    node = scene.GetNodeByID(node_id)
+                    if node is not None:
+                        combo.setCheckState(node, qt.Qt.Checked)
+            self.sourceOverrides = dict(state.source_overrides)
+            for combo, value in ((self.ui.methodComboBox, state.method), (self.ui.dimensionComboBox, state.dim),
+                                 (self.ui.presetComboBox, state.preset), (self.ui.deviceComboBox, state.device)):
+                index = combo.findData(value)
+                if index >= 0:
+                    combo.setCurrentIndex(index)
+            for box, value in ((self.ui.iterationsSpinBox, state.iterations),
+                               (self.ui.labeledBatchSpinBox, state.labeled_batch),
+                               (self.ui.unlabeledBatchSpinBox, state.unlabeled_batch),
+                               (self.ui.validationCasesSpinBox, state.validation_cases),
+                               (self.ui.timeBudgetSpinBox, state.time_budget_minutes),
+                               (self.ui.keepJobsSpinBox, state.keep_jobs)):
+                box.value = value
+            self.ui.allowMissingClassesCheckBox.checked = state.allow_missing_classes
+            self.ui.show3DCheckBox.checked = state.show_3d
+            self.ui.workspacePathLineEdit.currentPath = str(self.logic.workspace)
+        finally:
+            self._updatingGUI = False
+        self.onMethodChanged()
+        self.updateInputs()
+
+    def updateParameterNodeFromGUI(self, *_):
+        if self._updatingGUI or self.logic is None:
+            return
+        from SemiSegSlicerLib import parameters
+        state = self.logic.panelState()
+        self.logic.savePanelState(parameters.PanelState(
+            labeled=[n.GetID() for n in self.ui.labeledSegmentationsComboBox.checkedNodes()],
+            unlabeled=[n.GetID() for n in self.ui.unlabeledVolumesComboBox.checkedNodes()],
+            to_segment=[n.GetID() for n in self.ui.segmentVolumesComboBox.checkedNodes()],
+            source_overrides=dict(self.sourceOverrides),
+            method=self.ui.methodComboBox.currentData or state.method,
+            dim=int(self.ui.dimensionComboBox.currentData or 3), preset=self.ui.presetComboBox.currentData or "",
+            iterations=self.ui.iterationsSpinBox.value, labeled_batch=self.ui.labeledBatchSpinBox.value,
+            unlabeled_batch=self.ui.unlabeledBatchSpinBox.value,
+            validation_cases=self.ui.validationCasesSpinBox.value,
+            time_budget_minutes=self.ui.timeBudgetSpinBox.value,
+            device=self.ui.deviceComboBox.currentData or "auto",
+            allow_missing_classes=self.ui.allowMissingClassesCheckBox.checked,
+            show_3d=self.ui.show3DCheckBox.checked,
+            method_options=self.methodOptions(), training_options=self.trainingOptions(),
+            workspace=str(self.logic.workspace), last_training_job=state.last_training_job, model=state.model,
+            keep_jobs=self.ui.keepJobsSpinBox.value))
 
     # ------------------------------------------------------------------ inputs
     def labeledPairs(self):
@@ -264,6 +309,8 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateInputs(self, *_):
         import qt
+        if self._updatingGUI:
+            return
         segs = self.ui.labeledSegmentationsComboBox.checkedNodes()
         table = self.ui.casesTableWidget
         table.setRowCount(len(segs))
@@ -275,6 +322,7 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 table.setItem(row, col, item)
         self.ui.classesLabel.text = self.logic.classTable(segs, self.ui.allowMissingClassesCheckBox.checked).html()
         self.updatePairButton()
+        self.updateParameterNodeFromGUI()
         self.updateButtons()
 
     def updatePairButton(self, *_):
@@ -291,14 +339,20 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateInputs()
 
     def onWorkspaceChanged(self, path):
-        if path:
+        if path and not self._updatingGUI:
             self.logic.setWorkspace(path)
+            self.updateParameterNodeFromGUI()
 
     # ------------------------------------------------------------------ actions
     def onInstallDependencies(self):
         with slicer.util.tryWithErrorDisplay(_tr("Installing SemiSeg's dependencies failed."), waitCursor=True):
             self.logic.setupDependencies(ask=True)
-        self.populateFromEngine()
+        self.populateFromEngine(refresh=True)
+        self.onMethodChanged()
+
+    def onRefreshEngine(self):
+        self.populateFromEngine(refresh=True)
+        self.updateGUIFromParameterNode()
 
     def onTrainButton(self):
         if self.logic.isRunning:
@@ -318,6 +372,7 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=self.ui.deviceComboBox.currentData or "auto", methodOptions=self.methodOptions(),
                 validationCases=self.ui.validationCasesSpinBox.value,
                 allowMissingClasses=self.ui.allowMissingClassesCheckBox.checked,
+                timeBudgetMinutes=self.ui.timeBudgetSpinBox.value,
                 extraConfig=self.trainingOptions(), waitForCompletion=False)
             self.logic.showPlot()
         self.updateButtons()
@@ -325,6 +380,7 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onResumeButton(self):
         with slicer.util.tryWithErrorDisplay(_tr("Training could not resume."), waitCursor=True):
             self.logic.resume(waitForCompletion=False)
+            self.logic.showPlot()
         self.updateButtons()
 
     def onSegmentButton(self):
@@ -350,13 +406,20 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.loadModel(self.ui.modelPathLineEdit.currentPath)
         self.updateButtons()
 
+    def onCleanUpJobs(self):
+        with slicer.util.tryWithErrorDisplay(_tr("Cleaning up the job folders failed."), waitCursor=True):
+            removed = self.logic.cleanUpJobs(self.ui.keepJobsSpinBox.value)
+            self.log(_tr("Deleted job folders: ") + str(len(removed)))
+        self.updateButtons()
+
     def onShowPlot(self):
         self.logic.showPlot()
 
     # ------------------------------------------------------------------ job feedback
     def onJobEvent(self, progress, event):
+        from SemiSegSlicerLib import mainloop
         self.ui.progressBar.value = int(round(100 * progress.fraction))
-        self.ui.progressBar.format = progress.status_text().replace("%", "%%")  # no %p/%v placeholders
+        self.ui.progressBar.format = mainloop.progress_bar_format(progress.status_text())
         self.ui.statusLabel.text = progress.status_text()
         kind = event.get("event")
         if kind in ("log", "started", "checkpoint", "predicted", "validation", "error"):
@@ -377,7 +440,7 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def log(self, text):
         self.ui.logPlainTextEdit.appendPlainText(str(text))
 
-    def updateButtons(self):
+    def updateButtons(self, *_):
         running = self.logic.isRunning
         task = self.logic.task if running else ""
         self.ui.trainButton.text = _tr("Cancel training") if task == "train" else _tr("Train")
@@ -401,8 +464,11 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
 
     ``train(...)`` and ``segment(...)`` block by default (``waitForCompletion=True``, for scripts) and
     return the job's result; with ``waitForCompletion=False`` they return at once and report through
-    ``progressCallback(progress, event)``, ``logCallback(text)`` and ``finishedCallback(result)``.
-    One job at a time.
+    ``progressCallback(progress, event)``, ``logCallback(text)`` and ``finishedCallback(result)``, called
+    on the main thread from a ``qt.QTimer`` (SemiSegSlicerLib.mainloop). One job at a time.
+
+    Slicer's own process never imports torch: what the engine offers (methods, options, devices) comes
+    from a short trainer process (``semiseg catalog``), cached in the workspace.
     """
 
     def __init__(self):
@@ -411,21 +477,56 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         settings = qt.QSettings()
         self.workspace = Path(settings.value("SemiSeg/Workspace", str(Path.home() / "SemiSeg")))
         self.runner = None
+        self.poller = None
         self.task = ""
         self.jobDir: Path | None = None
         self.lastTrainingJob: Path | None = None
         self.model: dict | None = None          # metadata of the current (trained or loaded) model
         self.plot = None
         self.lastSegmentations = []
+        self._catalog = None
         self._observers: list[tuple] = []
         self._callbacks = (None, None, None)
         self._segmentOptions = {}
+        self.restoreFromScene()
 
     def setWorkspace(self, path):
-        """Folder for job folders (jobs/) and saved models (models/); remembered in the settings."""
+        """Folder for job folders (jobs/) and saved models (models/); remembered in the settings and the scene."""
         import qt
         self.workspace = Path(path)
         qt.QSettings().setValue("SemiSeg/Workspace", str(self.workspace))
+        self._updateState(workspace=str(self.workspace))
+
+    # ------------------------------------------------------------------ parameter node (state in the scene)
+    def getParameterNode(self):
+        from SemiSegSlicerLib import parameters
+        return parameters.parameter_node(slicer.mrmlScene)
+
+    def panelState(self):
+        from SemiSegSlicerLib import parameters
+        return parameters.load(self.getParameterNode())
+
+    def savePanelState(self, state) -> None:
+        from SemiSegSlicerLib import parameters
+        parameters.save(self.getParameterNode(), state)
+
+    def _updateState(self, **changes) -> None:
+        import dataclasses
+        self.savePanelState(dataclasses.replace(self.panelState(), **changes))
+
+    def restoreFromScene(self) -> None:
+        """Workspace, last training job (Resume) and model as saved in the scene's parameter node."""
+        state = self.panelState()
+        if state.workspace:
+            self.workspace = Path(state.workspace)
+        job = Path(state.last_training_job) if state.last_training_job else None
+        self.lastTrainingJob = job if job is not None and job.is_dir() else None
+        self.model = None
+        if state.model and Path(state.model).exists():
+            try:
+                self.loadModel(state.model)
+            except Exception as e:  # noqa: BLE001 - a moved or deleted model: the panel shows "no model"
+                logging.info("SemiSeg: the scene's model %s cannot be loaded: %s", state.model, e)
 
     # ------------------------------------------------------------------ observers (the widget)
     def addObserverCallbacks(self, onEvent, onLog, onFinished):
@@ -447,37 +548,37 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         from SemiSegSlicerLib import dependencies
         return dependencies.ensure_dependencies(self.requirementsPath(), ask=ask)
 
+    def catalog(self, refresh: bool = False):
+        """The engine's methods, options, presets and devices (``semiseg catalog`` in a child process, cached
+        on disk per Python/torch/engine version)."""
+        from SemiSegSlicerLib import catalog, process
+        if self._catalog is None or refresh:
+            command = process.trainer_module_command(["catalog"], self.pythonExecutable())
+            self._catalog = catalog.load(Path(self.workspace) / "cache", command, process.trainer_environment(),
+                                         process.package_roots(), refresh=refresh,
+                                         creationflags=process.no_window_flags())
+        return self._catalog
+
     def methods(self, dim: int = 3, preset: str = ""):
-        from SemiSegSlicerLib import catalog
-        return catalog.methods(preset or catalog.default_preset(dim), dim)
+        return self.catalog().methods(dim, preset)
 
     def presets(self):
-        from SemiSegSlicerLib import catalog
-        return catalog.presets()
+        return self.catalog().presets
 
-    @staticmethod
-    def resolvedDefaults(method, dim=3, preset="") -> dict:
+    def resolvedDefaults(self, method, dim=3, preset="") -> dict:
         """The configuration a method/dimension/preset trains with when nothing else is set ({} if invalid)."""
-        from SemiSegSlicerLib import catalog
-        try:
-            return catalog.resolved(catalog.training_config(method, dim, preset))
-        except Exception as e:  # noqa: BLE001 - shown as "preset default" without a number
-            logging.info("SemiSeg: %s", e)
-            return {}
+        return self.catalog().resolved(method, dim, preset)
 
-    @staticmethod
-    def trainingOptions(method, dim=3, preset=""):
+    def trainingOptions(self, method, dim=3, preset=""):
         """The shared training options (TrainConfig fields) with the values this method/preset uses."""
-        from SemiSegSlicerLib import catalog
-        try:
-            return catalog.training_options(method, dim, preset)
-        except Exception as e:  # noqa: BLE001 - an impossible combination shows no training options
-            logging.info("SemiSeg: %s", e)
-            return []
+        return self.catalog().training_options(method, dim, preset)
 
-    def deviceInfo(self):
-        from SemiSegSlicerLib import catalog
-        return catalog.device_info()
+    def deviceInfo(self) -> dict:
+        return self.catalog().devices
+
+    def deviceSummary(self) -> str:
+        from semiseg import devices
+        return devices.summary(self.deviceInfo())
 
     # ------------------------------------------------------------------ inputs
     @staticmethod
@@ -507,23 +608,32 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         return bool(self.runner and self.runner.cancel_requested)
 
     def newJobDir(self, kind: str) -> Path:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        job = Path(self.workspace) / "jobs" / f"{kind}-{stamp}"
-        n = 2
-        while job.exists():
-            job, n = Path(self.workspace) / "jobs" / f"{kind}-{stamp}-{n}", n + 1
-        job.mkdir(parents=True)
-        return job
+        from SemiSegSlicerLib import jobs
+        return jobs.new_job_dir(self.workspace, kind)
+
+    def cleanUpJobs(self, keep: int | None = None) -> list:
+        """Delete all but the newest ``keep`` job folders (default: the panel's setting), never the running
+        job, the last training job (Resume, Save model) or the job of the loaded model."""
+        from SemiSegSlicerLib import jobs
+        keep = self.panelState().keep_jobs if keep is None else int(keep)
+        protect = [self.jobDir if self.isRunning else None, self.lastTrainingJob,
+                   (self.model or {}).get("checkpoint")]
+        return jobs.cleanup(self.workspace, keep, protect)
 
     def train(self, labeled, unlabeled=(), method="mean_teacher", dim=3, preset="", iterations=0, labeledBatch=0,
               unlabeledBatch=0, patchSize=(), device="auto", methodOptions=None, validationCases=0, valEvery=None,
-              allowMissingClasses=False, extraConfig=None, waitForCompletion=True, progressCallback=None,
-              logCallback=None, finishedCallback=None, timeout=None):
+              allowMissingClasses=False, timeBudgetMinutes=0, extraConfig=None, waitForCompletion=True,
+              progressCallback=None, logCallback=None, finishedCallback=None, timeout=None):
         """Export the cases, write the job, start the trainer. ``labeled``: segmentation nodes (source volume
-        from the reference-geometry link) or (segmentation, volume) pairs."""
+        from the reference-geometry link) or (segmentation, volume) pairs. ``timeBudgetMinutes``: train for
+        that long (the schedule is fitted to it); 0 = by iterations."""
         from SemiSegSlicerLib import catalog, mrml_export, plotting
         from semiseg_trainer import protocol
         self._refuseConcurrent()
+        if self._catalog is not None:  # an impossible combination fails here, with the engine's one line
+            error = self._catalog.recipe(method, dim, preset).get("error")
+            if error:
+                raise ValueError(error)
         pairs = [tuple(p) if isinstance(p, (tuple, list)) else self.pairCases([p])[0] for p in labeled]
         job = self.newJobDir("train")
         try:
@@ -533,17 +643,20 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         except Exception:
             logging.info("SemiSeg: export failed; job folder kept: %s", job)
             raise
+        extra = dict(extraConfig or {})
+        if timeBudgetMinutes:
+            extra["time_budget"] = f"{int(timeBudgetMinutes)}m"
         config = catalog.training_config(method, dim, preset, iterations, labeledBatch, unlabeledBatch, patchSize,
                                          device, val_every=valEvery if valEvery is not None else
                                          (None if validationCases else 0), method_options=methodOptions,
-                                         extra=extraConfig)
-        catalog.resolved(config)  # an impossible combination fails here, with the engine's one line
+                                         extra=extra)
         protocol.write_job(job, mrml_export.training_job_spec(export, config))
         for w in export.warnings:
             self._log(f"note: {w}", logCallback)
         self._log(f"training job {job}: {export.summary()}", logCallback)
         self.lastTrainingJob = job
-        self.plot = plotting.TrainingPlot(slicer.mrmlScene, f"SemiSeg {method}")
+        self._updateState(last_training_job=str(job))
+        self.plot = plotting.TrainingPlot(slicer.mrmlScene, f"SemiSeg {method}").create()
         return self._start("train", job, device, waitForCompletion, progressCallback, logCallback, finishedCallback, timeout)
 
     def canResume(self) -> bool:
@@ -563,8 +676,9 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         spec["resume"] = True
         protocol.write_job(job, spec)
         self.lastTrainingJob = job
+        self._updateState(last_training_job=str(job))
         if self.plot is None:
-            self.plot = plotting.TrainingPlot(slicer.mrmlScene, f"SemiSeg {spec['config'].get('method', '')}")
+            self.plot = plotting.TrainingPlot(slicer.mrmlScene, f"SemiSeg {spec['config'].get('method', '')}").create()
         device = spec.get("config", {}).get("device", "auto")
         return self._start("train", job, device, waitForCompletion, progressCallback, logCallback, finishedCallback, timeout)
 
@@ -592,8 +706,22 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         if self.isRunning:
             self.runner.cancel()
 
+    def sceneAboutToClose(self) -> str:
+        """Closing the scene: a training job does not depend on the scene (its data are exported) and keeps
+        running; a segmentation job would load its results into the closed scene, so it is cancelled.
+        Returns what was done, for the log ("" when nothing runs)."""
+        if not self.isRunning:
+            return ""
+        if self.task == "segment":
+            self.cancel()
+            return "Scene closed: the segmentation job is cancelled (its results had nowhere to go)."
+        self.plot = None  # its nodes go with the scene; a new plot is made in the next scene when shown
+        return "Scene closed: training goes on in the background (job folder: %s)." % self.jobDir
+
     def shutdown(self, grace: float = 5.0):
         """Module cleanup / application exit: ask to stop, wait a little, then kill the process tree."""
+        if self.poller is not None:
+            self.poller.stop()
         if self.isRunning:
             self.runner.cancel(grace_seconds=grace)
             if self.runner.wait(timeout=grace) is None:
@@ -604,56 +732,33 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"a {self.task} job is already running ({self.jobDir}); cancel it first")
 
     def _start(self, task, job, device, wait, progressCallback, logCallback, finishedCallback, timeout):
-        from SemiSegSlicerLib.process import JobRunner, PopenBackend
+        from SemiSegSlicerLib import mainloop
+        from SemiSegSlicerLib.process import JobRunner
         self.task, self.jobDir = task, job
         self._callbacks = (progressCallback, logCallback, finishedCallback)
-        self.runner = JobRunner(job, backend=self._backend(), python=self.pythonExecutable(),
-                                cpu_only=(device == "cpu"), on_event=self._onEvent, on_log=self._onLog,
-                                on_finished=self._onFinished)
+        self.runner = JobRunner(job, python=self.pythonExecutable(), cpu_only=(device == "cpu"),
+                                on_event=self._onEvent, on_log=self._onLog, on_finished=self._onFinished)
         self.runner.start()
         self._log(f"started {task} job: {job}", None)
+        try:
+            self.cleanUpJobs()  # retention: the running job is protected
+        except OSError as e:
+            logging.info("SemiSeg: job folder clean-up skipped: %s", e)
         if not wait:
-            if isinstance(self.runner.backend, PopenBackend):
-                self._pollWithTimer()
+            runner = self.runner
+
+            def tick():
+                runner.poll()
+                return runner.running
+            self.poller = mainloop.MainThreadPoller(tick).start()
             return None
-        result = self.runner.wait(timeout=timeout)
+        result = self.runner.wait(timeout=timeout, between=mainloop.process_events)
         if result is None:
             self.runner.kill()
-            result = self.runner.wait(timeout=30)
+            result = self.runner.wait(timeout=30, between=mainloop.process_events)
         if result is not None and result.status == "failed":
             raise RuntimeError(f"SemiSeg {task} failed: {result.message} (job folder: {job})")
         return result
-
-    @staticmethod
-    def _backend():
-        """qt.QProcess in Slicer; a plain subprocess where PythonQt is missing (headless scripts, tests)."""
-        try:
-            import qt
-            if hasattr(qt, "QProcess"):
-                from SemiSegSlicerLib.process import QtProcessBackend
-                return QtProcessBackend()
-        except Exception as e:  # noqa: BLE001 - fall back rather than fail to start
-            logging.warning("SemiSeg: QProcess unavailable (%s); using a subprocess", e)
-        from SemiSegSlicerLib.process import PopenBackend
-        return PopenBackend()
-
-    def _pollWithTimer(self):
-        """A subprocess backend delivers output only when polled: poll from a Qt timer if there is one
-        (otherwise the caller polls ``logic.runner.poll()`` or waits)."""
-        try:
-            import qt
-            timer = qt.QTimer()
-        except Exception:  # noqa: BLE001
-            return
-        runner = self.runner
-
-        def tick():
-            runner.poll()
-            if not runner.running:
-                timer.stop()
-        timer.timeout.connect(tick)
-        timer.start(200)
-        self._pollTimer = timer
 
     @staticmethod
     def pythonExecutable() -> str:
@@ -689,6 +794,7 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         try:
             if result.ok and self.task == "train":
                 self.model = models.job_model_info(result.job_dir)
+                self._updateState(model=self.model["checkpoint"])
             elif result.ok and self.task == "segment":
                 result.nodes = mrml_import.import_job_predictions(
                     slicer.mrmlScene, result.job_dir, classes=self.model.get("classes") if self.model else None,
@@ -723,11 +829,15 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         if self.lastTrainingJob is None:
             raise ValueError("no trained model to save: train first")
         dest = Path(folder) if folder else Path(self.workspace) / "models" / self.lastTrainingJob.name
-        return models.save_model(self.lastTrainingJob, dest)
+        saved = models.save_model(self.lastTrainingJob, dest)
+        self.model = models.load_model_info(saved)  # the saved copy survives job clean-up
+        self._updateState(model=str(saved))
+        return saved
 
     def loadModel(self, path) -> dict:
         from SemiSegSlicerLib import models
         self.model = models.load_model_info(path)
+        self._updateState(model=str(path))
         return self.model
 
     def modelDescription(self) -> str:
@@ -740,6 +850,11 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ plot
     def showPlot(self):
+        """Show the live plot in the layout; its nodes exist from the start of a training job."""
+        from SemiSegSlicerLib import plotting
+        if self.plot is None and self.isRunning and self.task == "train":
+            self.plot = plotting.TrainingPlot(slicer.mrmlScene, "SemiSeg training").create()
+            self.plot.update(self.runner.progress)
         if self.plot is not None and self.plot.chart is not None:
             slicer.modules.plots.logic().ShowChartInLayout(self.plot.chart)
 
@@ -785,7 +900,7 @@ class SemiSegTest(ScriptedLoadableModuleTest):
         slicer.util.updateSegmentBinaryLabelmapFromArray(disk.astype(np.uint8), seg, segId, labeled)
 
         logic = SemiSegLogic()
-        logic.workspace = Path(slicer.app.temporaryPath) / "SemiSegTest"
+        logic.setWorkspace(Path(slicer.app.temporaryPath) / "SemiSegTest")
         events = []
         result = logic.train([seg], unlabeled=unlabeled, method="mean_teacher", dim=2, iterations=20,
                              labeledBatch=2, unlabeledBatch=2, device="cpu", patchSize=(32, 32),

@@ -147,17 +147,27 @@ def test_module_file_structure_and_widget_names_exist_in_ui():
         defaults = dict(zip([a.arg for a in args.args][-len(args.defaults):], args.defaults))
         assert isinstance(defaults["waitForCompletion"], ast.Constant) and defaults["waitForCompletion"].value is True
         assert {"progressCallback", "logCallback", "finishedCallback"} <= set(defaults)
-    # the widget stays thin: it never reaches the data/process library, only the logic
+    # the widget stays thin: of the library it uses only the widget helpers (option rows, progress-bar text,
+    # the panel state's type, the library reload); data, processes and MRML go through the logic
     widget_src = ast.get_source_segment(source, classes["SemiSegWidget"])
-    assert "SemiSegSlicerLib" not in widget_src and "JobRunner" not in widget_src
+    used = set(re.findall(r"from SemiSegSlicerLib import (\w+)", widget_src))
+    assert used <= {"optionform", "mainloop", "parameters"}, used
+    assert "JobRunner" not in widget_src and "SemiSegSlicerLib." not in widget_src.replace(
+        "SemiSegSlicerLib.reload_library()", "")
     test_methods = [f.name for f in classes["SemiSegTest"].body if isinstance(f, ast.FunctionDef)]
     assert "runTest" in test_methods and any(m.startswith("test_") for m in test_methods)
 
 
-@pytest.mark.parametrize("name", ["mrml_export", "mrml_import", "plotting", "catalog", "models", "process"])
-def test_data_logic_is_free_of_qt_and_slicer_globals(name):
-    """Written against an explicit scene so it runs on real MRML outside Slicer; only process.py
-    touches Qt, inside the QProcess backend."""
+QT_FREE = ["mrml_export", "mrml_import", "plotting", "catalog", "models", "process", "jobs", "parameters",
+           "optionform"]
+
+
+@pytest.mark.parametrize("name", QT_FREE + ["mainloop"])
+def test_library_is_free_of_qt_and_slicer_globals_but_for_the_main_loop(name):
+    """Written against an explicit scene so it runs on real MRML outside Slicer: only mainloop.py meets Qt
+    (a QTimer and slicer.app.processEvents, imported inside its functions)."""
+    assert sorted(p.stem for p in (EXT / "SemiSegSlicerLib").glob("*.py") if p.stem != "__init__") == sorted(
+        QT_FREE + ["mainloop", "dependencies"])  # dependencies: Slicer's pip, imported lazily
     source = (EXT / "SemiSegSlicerLib" / f"{name}.py").read_text()
     tree = ast.parse(source)
     top_imports = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
@@ -166,9 +176,47 @@ def test_data_logic_is_free_of_qt_and_slicer_globals(name):
     globals_used = [f"slicer.{n.attr}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
                     and isinstance(n.value, ast.Name) and n.value.id == "slicer"
                     and n.attr in ("mrmlScene", "modules", "app")]
-    assert globals_used == (["slicer.app"] if name == "process" else [])  # the Qt backend's processEvents
-    if name != "process":
-        assert "import qt" not in source
+    assert globals_used == (["slicer.app"] if name == "mainloop" else [])
+    assert ("import qt" in source) == (name == "mainloop")
+
+
+def _function(cls: ast.ClassDef, name: str) -> ast.FunctionDef:
+    return next(f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == name)
+
+
+def _calls(node) -> list[ast.Call]:
+    return sorted((n for n in ast.walk(node) if isinstance(n, ast.Call)), key=lambda n: (n.lineno, n.col_offset))
+
+
+def _name(call: ast.Call) -> str:
+    f = call.func
+    return f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+
+
+def test_widget_wiring_survives_errors_as_pythonqt_runs_it():
+    """Widget-only code (Slicer runs it; checked statically): setup() wires every observer and signal before it
+    asks the engine, and nothing in setup raises through tryWithErrorDisplay (which re-raises); signals
+    blocked are unblocked in a finally; no '%%' reaches a QProgressBar; Reload reloads the library."""
+    source = (EXT / "SemiSeg.py").read_text()
+    tree = ast.parse(source)
+    widget = _classes(tree)["SemiSegWidget"]
+    setup = [_name(c) for c in _calls(_function(widget, "setup"))]
+    first_engine_call = setup.index("populateFromEngine")
+    assert "addObserver" in setup and "addObserverCallbacks" in setup
+    assert max(i for i, n in enumerate(setup) if n in ("addObserver", "connect", "addObserverCallbacks")) < first_engine_call
+    for name in ("setup", "populateFromEngine", "updateGUIFromParameterNode", "onMethodChanged"):
+        assert "tryWithErrorDisplay" not in [_name(c) for c in _calls(_function(widget, name))], name
+    blocking = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                and any(_name(c) == "blockSignals" for c in _calls(f))]
+    assert blocking
+    for f in blocking:  # every function that blocks signals unblocks them in a finally
+        assert any(isinstance(t, ast.Try) and any(_name(c) == "blockSignals" for s in t.finalbody for c in _calls(s))
+                   for t in ast.walk(f)), f.name
+    assert '%%' not in source
+    assert "reload_library" in [_name(c) for c in _calls(_function(widget, "onReload"))]
+    qt_widgets = set(re.findall(r"qt\.(Q\w+)\(", source)) | set(re.findall(
+        r"qt\.(Q\w+)\(", (EXT / "SemiSegSlicerLib" / "optionform.py").read_text()))
+    assert qt_widgets <= QT_CLASSES | {"QTableWidgetItem", "QFormLayout", "QSettings"}, qt_widgets
 
 
 def test_requirements_never_name_slicer_or_torch_packages():

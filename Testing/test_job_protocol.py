@@ -74,8 +74,15 @@ def test_diagnose_exit_gives_one_actionable_line():
         "the trainer process stopped unexpectedly (exit code 139): Segmentation fault"
 
 
-def test_panel_catalog_and_training_config():
-    infos = {m.name: m for m in catalog.methods("generic2d", 2)}
+@pytest.fixture(scope="module")
+def panel():
+    """The panel's catalog as ``semiseg catalog`` computes it (here in-process), read by the panel's reader."""
+    from semiseg_trainer import panel_catalog
+    return catalog.Catalog(json.loads(json.dumps(panel_catalog.build())))
+
+
+def test_panel_catalog_and_training_config(panel):
+    infos = {m.name: m for m in panel.methods(2)}
     assert list(infos)[0] == "supervised" and not infos["supervised"].uses_unlabeled
     mt = {o.name: o for o in infos["mean_teacher"].options}
     from semiseg.methods import METHODS
@@ -83,25 +90,49 @@ def test_panel_catalog_and_training_config():
     assert mt["consistency"].kind == "float" and mt["consistency"].default == 0.1
     assert mt["sup_loss"].kind == "choice" and "dice" in mt["sup_loss"].choices
     assert mt["rampup_iterations"].default == 30000  # 2D: the paper's ACDC value
-    assert {o.name: o.default for o in catalog.methods("generic3d", 3)[1].options}.get("rampup_iterations") in (6000, None)
+    assert {o.name: o.default for o in panel.methods(3)[1].options}.get("rampup_iterations") in (6000, None)
     cfg = catalog.training_config("mean_teacher", 2, iterations=50, labeled_batch=2, device="cpu",
                                   method_options={"consistency": 0.3}, val_every=0)
     assert cfg == {"method": "mean_teacher", "dim": 2, "device": "cpu", "iterations": 50, "labeled_batch": 2,
                    "val_every": 0, "method_options": {"consistency": 0.3}}
-    full = catalog.resolved(cfg)
-    assert full["preset"] == "generic2d" and full["unlabeled_batch"] == 12 and full["method_options"]["consistency"] == 0.3
+    full = panel.resolved("mean_teacher", 2)
+    assert full["preset"] == "generic2d" and full["unlabeled_batch"] == 12
     # the Advanced section's training options: every other TrainConfig field, with the values the run uses
-    train = {o.name: o for o in catalog.training_options("ss_net", 2, "acdc")}
+    train = {o.name: o for o in panel.training_options("ss_net", 2, "acdc")}
     assert train["lr_schedule"].default == "constant" and train["lr_schedule"].kind == "choice"  # SS-Net's ACDC recipe
-    assert train["upsampling"].default == "bilinear" and train["ema_decay"].default == 0.99
+    assert train["ema_decay"].default == 0.99
     assert train["target_spacing"].kind == "floats" and train["foreground_share"].kind == "float"
-    assert not set(train) & (catalog.PANEL_FIELDS | {"method_options"})
+    from semiseg_trainer.panel_catalog import PANEL_FIELDS
+    assert not set(train) & (PANEL_FIELDS | {"method_options"})
     from semiseg.config import TrainConfig
-    assert set(train) | catalog.PANEL_FIELDS == {f for f in TrainConfig.__dataclass_fields__}
-    changed = catalog.resolved(catalog.training_config("ss_net", 2, "acdc", extra={"lr": 0.02, "foreground_share": 0.5}))
-    assert changed["lr"] == 0.02 and changed["foreground_share"] == 0.5
-    dev = catalog.device_info()
-    assert dev["choices"][-1] == ("cpu", "CPU") and dev["choices"][0][0] == "auto" and dev["torch"]
+    assert set(train) | PANEL_FIELDS == {f for f in TrainConfig.__dataclass_fields__}
+    # engine-internal fields are not user options: ICL's run settings never reach the panel
+    icl = {o.name for o in infos["icl"].options}
+    assert "run" not in icl and all(o.default is not None for m in infos.values() for o in m.options)
+    # an impossible combination carries the engine's one line instead of values
+    assert panel.resolved("mean_teacher", 3, "acdc") == {} and panel.training_options("mean_teacher", 3, "acdc") == []
+    assert "\n" not in panel.recipe("mean_teacher", 3, "acdc")["error"]
+    dev = panel.devices
+    assert dev["choices"][-1][0] == "cpu" and dev["choices"][0][0] == "auto" and dev["torch"]
+
+
+def test_catalog_comes_from_a_trainer_process_and_is_cached(tmp_path):
+    """Slicer's process never imports torch: the catalog is the output of ``semiseg catalog`` in a child
+    process, cached on disk; a cached copy is used without starting a process."""
+    from SemiSegSlicerLib import process
+    command = process.trainer_module_command(["catalog"])
+    env = trainer_environment()
+    first = catalog.load(tmp_path, command, env, process.package_roots())
+    (cached,) = tmp_path.glob("catalog-*.json")
+    assert [m.name for m in first.methods(2)][0] == "supervised"
+    broken = process.trainer_module_command(["no-such-command"])  # same Python: same cache key
+    again = catalog.load(tmp_path, broken, env, process.package_roots())
+    assert again.data == first.data  # read from the cache: the broken command was never run
+    with pytest.raises(catalog.CatalogError) as e:
+        catalog.load(tmp_path, broken, env, process.package_roots(), refresh=True)
+    assert "\n" not in str(e.value) and "no-such-command" in str(e.value)
+    cached.write_text("{torn")
+    assert catalog.load(tmp_path, command, env, process.package_roots()).data == first.data  # asked again
 
 
 # ------------------------------------------------------------------------------------------ real trainer

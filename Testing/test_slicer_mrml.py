@@ -422,10 +422,20 @@ def test_training_plot_table_and_chart(scene):
 
 
 @pytest.fixture
-def semiseg_module(scene, monkeypatch):
-    """The module file SemiSeg.py with stand-ins for what only the Slicer application has (the
-    ScriptedLoadableModule base classes, qt.QSettings) and the real slicer-core scene as
-    ``slicer.mrmlScene``: the Logic runs its real train/segment path (export, trainer process, import)."""
+def standin():
+    import pythonqt_standin
+    pythonqt_standin.reset()
+    yield pythonqt_standin
+    pythonqt_standin.reset()
+
+
+@pytest.fixture
+def semiseg_module(scene, monkeypatch, tmp_path, standin):
+    """The module file SemiSeg.py inside a stand-in of what only the Slicer application has: the
+    ScriptedLoadableModule base classes, PythonQt's ``qt`` (Testing/pythonqt_standin.py: QByteArray only
+    through ``data()``, signals only when events are processed, slot exceptions printed and swallowed),
+    ``slicer.app`` and ``slicer.modules.plots``; the scene is the real slicer-core scene as
+    ``slicer.mrmlScene``, so the Logic runs its real train/segment path (export, trainer process, import)."""
     import types
     import unittest
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
@@ -435,19 +445,12 @@ def semiseg_module(scene, monkeypatch):
             pass
     slm.ScriptedLoadableModule = slm.ScriptedLoadableModuleWidget = slm.ScriptedLoadableModuleLogic = _Base
     slm.ScriptedLoadableModuleTest = unittest.TestCase
-    qt = types.ModuleType("qt")
-
-    class QSettings:
-        def value(self, key, default=None):
-            return default
-
-        def setValue(self, key, value):
-            pass
-    qt.QSettings = QSettings
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
-    monkeypatch.setitem(sys.modules, "qt", qt)
+    monkeypatch.setitem(sys.modules, "qt", standin.qt_module())
     monkeypatch.delitem(sys.modules, "SemiSeg", raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", standin.Application(str(tmp_path)), raising=False)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(plots=standin.PlotsModule()), raising=False)
     import SemiSeg
     yield SemiSeg
     sys.modules.pop("SemiSeg", None)
@@ -462,9 +465,9 @@ def disk_volume(scene, name, shift):
     return add_volume(scene, name, a, GEOM_A), disk
 
 
-def test_logic_trains_and_segments_a_real_scene(scene, tmp_path, semiseg_module):
-    """What SemiSegTest does inside Slicer, here on real MRML with a real trainer process (the
-    subprocess backend, as PythonQt is absent)."""
+def test_logic_trains_and_segments_a_real_scene(scene, tmp_path, semiseg_module, standin):
+    """The scripting path (``waitForCompletion=True``, what SemiSegTest does inside Slicer) on real MRML
+    with a real trainer process, under PythonQt's rules; the application processes events while it waits."""
     pytest.importorskip("torch")
     logic = semiseg_module.SemiSegLogic()
     logic.setWorkspace(tmp_path)
@@ -474,9 +477,10 @@ def test_logic_trains_and_segments_a_real_scene(scene, tmp_path, semiseg_module)
     kinds: list[str] = []
     result = logic.train([seg], unlabeled=unlabeled, method="mean_teacher", dim=2, iterations=10, labeledBatch=2,
                          unlabeledBatch=2, device="cpu", patchSize=(32, 32), extraConfig={"threads": 1, "log_every": 5},
-                         progressCallback=lambda p, e: kinds.append(e["event"]))
+                         progressCallback=lambda p, e: kinds.append(e["event"]), timeout=240)
     assert result.status == "completed" and kinds[0] == "started" and kinds[-1] == "finished"
     assert kinds[1] == "plan"  # the panel's scans are planned like any user dataset (semiseg.planning)
+    assert standin.LOOP.processed > 0 and not standin.LOOP.swallowed
     plan = json.loads((Path(logic.jobDir) / "run" / "plan.json").read_text())
     assert plan["dim"] == 2 and plan["patch_size"] == [32, 32]  # the panel's explicit choices win over the plan
     assert logic.plot.values("iteration") == [5, 10]
@@ -500,3 +504,112 @@ def test_logic_trains_and_segments_a_real_scene(scene, tmp_path, semiseg_module)
     assert saved == tmp_path / "models" / logic.lastTrainingJob.name
     assert logic.loadModel(saved)["classes"][0]["name"] == "disk"
     assert "disk" in logic.modelDescription()
+
+
+def test_panel_path_delivers_on_the_main_thread_only_when_events_are_processed(scene, tmp_path, semiseg_module,
+                                                                                standin):
+    """What the panel does (``waitForCompletion=False``): train and segment return at once; progress, log
+    and the result arrive only while Slicer processes events, on the main thread; an observer that raises
+    does not stall the job; the live plot can be shown as soon as training starts."""
+    import threading
+    import time
+    pytest.importorskip("torch")
+    logic = semiseg_module.SemiSegLogic()
+    logic.setWorkspace(tmp_path)
+    labeled, disk = disk_volume(scene, "labeled", 0)
+    unlabeled = [disk_volume(scene, f"unlabeled {s}", s)[0] for s in (1, 2)]
+    seg = add_segmentation(scene, "labels", labeled, [("disk", disk, RED)])
+    events, finished, threads = [], [], set()
+
+    def on_progress(progress, event):
+        threads.add(threading.current_thread())
+        events.append(event["event"])
+        if len(events) == 1:
+            raise RuntimeError("a faulty observer")  # PythonQt would print and swallow it
+
+    assert logic.train([seg], unlabeled=unlabeled, method="mean_teacher", dim=2, iterations=10, labeledBatch=2,
+                       unlabeledBatch=2, device="cpu", patchSize=(32, 32), extraConfig={"threads": 1, "log_every": 5},
+                       waitForCompletion=False, progressCallback=on_progress, finishedCallback=finished.append) is None
+    assert logic.isRunning and logic.task == "train"
+    logic.showPlot()  # the panel shows the plot right after starting: its chart exists already
+    assert slicer.modules.plots.shown == [logic.plot.chart] and logic.plot.chart is not None
+    time.sleep(1.0)
+    assert events == [] and finished == []  # nothing is delivered while no event is processed
+    assert standin.pump_until(lambda: finished, timeout=300)
+    assert finished[0].status == "completed" and not logic.isRunning and not logic.poller.active
+    assert events[0] == "started" and events[-1] == "finished" and threads == {threading.main_thread()}
+    assert logic.plot.values("iteration") == [5, 10]
+    assert logic.panelState().last_training_job == str(logic.lastTrainingJob)
+    assert logic.panelState().model == logic.model["checkpoint"]
+
+    finished.clear()
+    assert logic.segment([unlabeled[0]], device="cpu", waitForCompletion=False, finishedCallback=finished.append) is None
+    assert logic.isRunning and logic.task == "segment"
+    assert standin.pump_until(lambda: finished, timeout=300)
+    (result,) = finished
+    assert result.status == "completed" and [n.GetName() for n in result.nodes] == ["unlabeled 1 SemiSeg"]
+
+
+def test_closing_the_scene_keeps_training_and_cancels_segmentation(scene, tmp_path, semiseg_module, standin):
+    pytest.importorskip("torch")
+    logic = semiseg_module.SemiSegLogic()
+    logic.setWorkspace(tmp_path)
+    labeled, disk = disk_volume(scene, "labeled", 0)
+    seg = add_segmentation(scene, "labels", labeled, [("disk", disk, RED)])
+    finished = []
+    logic.train([seg], method="supervised", dim=2, iterations=100000, labeledBatch=2, device="cpu",
+                patchSize=(32, 32), extraConfig={"threads": 1, "log_every": 5}, waitForCompletion=False,
+                finishedCallback=finished.append)
+    assert standin.pump_until(lambda: logic.runner.progress.iteration >= 5, timeout=300)
+    message = logic.sceneAboutToClose()
+    assert "training goes on" in message and logic.isRunning and not logic.cancelRequested
+    iteration = logic.runner.progress.iteration
+    assert standin.pump_until(lambda: logic.runner.progress.iteration > iteration, timeout=120)  # still training
+    logic.cancel()
+    assert standin.pump_until(lambda: finished, timeout=120) and finished[0].status == "cancelled"
+
+    # a segmentation job puts its results into the scene: closing the scene cancels it
+    logic.model = {"checkpoint": str(tmp_path / "never-read.pt"), "classes": []}
+    finished.clear()
+    logic.segment([labeled], device="cpu", waitForCompletion=False, finishedCallback=finished.append)
+    assert "segmentation job is cancelled" in logic.sceneAboutToClose() and logic.cancelRequested
+    assert standin.pump_until(lambda: finished, timeout=120)
+    assert finished[0].status in ("cancelled", "failed") and finished[0].nodes == []
+
+
+def test_panel_state_and_last_job_are_saved_with_the_scene(scene, tmp_path, semiseg_module):
+    """Save the scene, open it in a new scene: the panel's inputs and choices come back, Resume works for the
+    last training job and the loaded model is loaded again."""
+    from SemiSegSlicerLib import parameters
+    logic = semiseg_module.SemiSegLogic()
+    logic.setWorkspace(tmp_path / "ws")
+    labeled, disk = disk_volume(scene, "labeled", 0)
+    other = disk_volume(scene, "other", 1)[0]
+    seg = add_segmentation(scene, "labels", labeled, [("disk", disk, RED)])
+    job = tmp_path / "ws" / "jobs" / "train-20260101-000000"
+    (job / "run").mkdir(parents=True)
+    (job / "run" / "last.pt").write_bytes(b"checkpoint")  # cancelled: last.pt, no metrics.json
+    model = tmp_path / "ws" / "models" / "m1"
+    model.mkdir(parents=True)
+    (model / "model.pt").write_bytes(b"weights")
+    (model / "model.json").write_text(json.dumps({"format": "semiseg-model", "name": "m1", "method": "ua_mt",
+                                                  "classes": [{"value": 1, "name": "disk", "color": list(RED)}]}))
+    state = parameters.PanelState(labeled=[seg.GetID()], unlabeled=[other.GetID()], to_segment=[other.GetID()],
+                                  source_overrides={seg.GetID(): labeled.GetID()}, method="ua_mt", dim=2,
+                                  preset="acdc", iterations=123, time_budget_minutes=30, device="cpu",
+                                  method_options={"consistency": 0.3}, training_options={"lr": 0.02},
+                                  workspace=str(tmp_path / "ws"), last_training_job=str(job), model=str(model),
+                                  keep_jobs=3)
+    logic.savePanelState(state)
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+
+    reopened = slicer.vtkMRMLScene()
+    reopened.SetURL(str(tmp_path / "scene.mrml"))
+    assert reopened.Import()
+    slicer.mrmlScene = reopened  # the application's scene is now the reopened one (restored by monkeypatch)
+    restored = semiseg_module.SemiSegLogic()
+    assert restored.panelState() == state
+    assert restored.lastTrainingJob == job and restored.canResume() and restored.workspace == tmp_path / "ws"
+    assert restored.model["method"] == "ua_mt" and restored.modelDescription().startswith("m1: ua_mt")
+    assert reopened.GetNodeByID(state.labeled[0]).GetName() == "labels"

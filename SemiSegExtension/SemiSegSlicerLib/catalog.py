@@ -1,13 +1,26 @@
-"""What the panel offers, read from the engine at run time (no Qt): methods with their one-line
-descriptions and hyper-parameters (each method's ``Options`` dataclass, paper defaults per preset),
-the recipe presets, the devices, and the training configuration a panel state stands for.
+"""What the panel offers, as the engine describes it: methods with their one-line descriptions and
+hyper-parameters, the shared training options, the recipe presets, the devices, and the values a run
+would use for each (method, dimension, preset).
 
-Importing the engine's method registry imports torch: call these only after the dependency check.
+The engine computes it in a short trainer process (``semiseg catalog``), so that opening the panel never
+imports torch or touches a GPU in Slicer's own process; the answer is cached on disk, keyed by the Python
+that runs the trainer, its torch version and the engine's files, so the process runs once per install.
 """
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+import json
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from semiseg.errors import SemiSegError
+
+CATALOG_TIMEOUT_S = 300.0
+
+
+class CatalogError(SemiSegError):
+    """The engine could not describe itself (one line: missing torch, broken install, ...)."""
 
 
 @dataclass
@@ -31,62 +44,113 @@ class MethodInfo:
     options: list[OptionInfo]
 
 
-def _kind(f: dataclasses.Field) -> str:
-    from semiseg.fields import field_choices, field_kind  # the engine's one reader of a field's type
-    if field_choices(f):
-        return "choice"
-    kind = field_kind(f)
-    return "str" if kind == "dict" else kind
-
-
-def option_infos(options_cls, defaults=None) -> list[OptionInfo]:
-    """One entry per field of an ``Options`` dataclass; ``defaults`` (an instance) overrides the
-    field defaults (the paper's values for a preset/dimension)."""
-    out = []
-    for f in dataclasses.fields(options_cls):
-        default = getattr(defaults, f.name) if defaults is not None else (
-            f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
-        meta = f.metadata or {}
-        out.append(OptionInfo(f.name, _kind(f), default, str(meta.get("help", "")),
-                              [c for c in meta.get("choices", [])]))
-    return out
-
-
-def methods(preset: str = "generic3d", dim: int = 3) -> list[MethodInfo]:
-    """Every registered method (auto-discovered files), sorted with the baseline first."""
-    from semiseg.methods import METHODS
-    out = []
-    for name, cls in METHODS.items():
-        out.append(MethodInfo(name, cls.description, bool(cls.uses_unlabeled),
-                              option_infos(cls.Options, cls.default_options(preset, dim))))
-    return sorted(out, key=lambda m: (m.name != "supervised", m.name))
-
-
-# TrainConfig fields the panel shows elsewhere (inputs, main controls) or that only the job itself sets
-PANEL_FIELDS = {"data", "labeled", "val_split", "test_split", "dim", "method", "preset", "iterations",
-                "labeled_batch", "unlabeled_batch", "patch_size", "device", "threads", "method_options",
-                "log_every", "checkpoint_every", "cache_dir",
-                "sync_bn", "find_unused_parameters"}  # the last two: torchrun only, the panel runs one process
-
-
-def training_options(method: str, dim: int = 3, preset: str = "") -> list[OptionInfo]:
-    """Every other ``TrainConfig`` field (learning rate, schedule, EMA, precision, planning, class map,
-    ...) for the panel's Advanced section, with the value the run would use for this method,
-    dimension and preset. Generated from the dataclass, so a new field appears without panel code."""
-    from semiseg.config import TrainConfig, resolve_config
-    resolved = resolve_config({**training_config(method, dim, preset), "data": "files.csv"})
-    return [o for o in option_infos(TrainConfig, resolved) if o.name not in PANEL_FIELDS]
-
-
-def presets() -> list[str]:
-    from semiseg.config import PRESETS
-    return list(PRESETS)
-
-
 def default_preset(dim: int) -> str:
     return "generic2d" if dim == 2 else "generic3d"
 
 
+def recipe_key(method: str, dim: int, preset: str = "") -> str:
+    return f"{method}|{int(dim)}|{preset}"
+
+
+class Catalog:
+    """Read-only view of ``semiseg catalog``'s JSON."""
+
+    def __init__(self, data: dict):
+        if data.get("format") != "semiseg-panel-catalog":
+            raise CatalogError("the trainer's catalog is not a SemiSeg panel catalog")
+        self.data = data
+
+    @property
+    def presets(self) -> list[str]:
+        return list(self.data["presets"])
+
+    @property
+    def devices(self) -> dict:
+        return self.data["devices"]
+
+    def recipe(self, method: str, dim: int, preset: str = "") -> dict:
+        """``{"config": {...}, "method_options": {...}}`` or ``{"error": one line}``."""
+        return self.data["recipes"].get(recipe_key(method, dim, preset), {"error": f"unknown method '{method}'"})
+
+    def methods(self, dim: int = 3, preset: str = "") -> list[MethodInfo]:
+        """Every method, with option defaults as this dimension/preset trains them (the field defaults where
+        the combination is impossible)."""
+        out = []
+        for m in self.data["methods"]:
+            values = self.recipe(m["name"], dim, preset).get("method_options", {})
+            out.append(MethodInfo(m["name"], m["description"], bool(m["uses_unlabeled"]),
+                                  [_option(o, values) for o in m["options"]]))
+        return out
+
+    def training_options(self, method: str, dim: int = 3, preset: str = "") -> list[OptionInfo]:
+        """The shared training options with the values this method/dimension/preset uses ([] if impossible)."""
+        config = self.recipe(method, dim, preset).get("config")
+        return [_option(o, config) for o in self.data["training_options"]] if config else []
+
+    def resolved(self, method: str, dim: int = 3, preset: str = "") -> dict:
+        """The configuration a method/dimension/preset trains with when nothing else is set ({} if impossible)."""
+        return dict(self.recipe(method, dim, preset).get("config", {}))
+
+
+def _option(o: dict, values: dict) -> OptionInfo:
+    return OptionInfo(o["name"], o["kind"], values.get(o["name"], o["default"]), o.get("help", ""),
+                      list(o.get("choices", [])))
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+def cache_key(python: str, package_roots: list[str]) -> str:
+    """Changes when the Python, its torch or the engine's files change (no import of torch here)."""
+    import importlib.metadata
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "none"
+    h = hashlib.sha1(f"{python}\n{torch_version}".encode())
+    for root in package_roots:
+        for p in sorted(Path(root).glob("semiseg*/**/*.py")):
+            st = p.stat()
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def query(command: list[str], env: dict, timeout: float = CATALOG_TIMEOUT_S, creationflags: int = 0) -> dict:
+    """Run ``command`` (``python -m semiseg_trainer catalog``) and return its JSON; one line on failure."""
+    from semiseg_trainer import protocol
+    try:
+        p = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout,
+                           stdin=subprocess.DEVNULL, creationflags=creationflags)
+    except subprocess.TimeoutExpired:
+        raise CatalogError(f"the SemiSeg engine did not describe itself within {timeout:g} s") from None
+    except OSError as e:
+        raise CatalogError(f"cannot start the SemiSeg trainer ({command[0]}): {e}") from None
+    if p.returncode == 0:
+        try:
+            return json.loads(p.stdout)
+        except ValueError:
+            pass
+    _, message, _ = protocol.diagnose_exit(p.returncode if p.returncode else 1, [], p.stderr)
+    raise CatalogError(message)
+
+
+def load(cache_dir, command: list[str], env: dict, package_roots: list[str], refresh: bool = False,
+         creationflags: int = 0) -> Catalog:
+    """The catalog from the cache, or from the trainer (then cached)."""
+    path = Path(cache_dir) / f"catalog-{cache_key(command[0], package_roots)}.json"
+    if path.is_file() and not refresh:
+        try:
+            return Catalog(json.loads(path.read_text()))
+        except (ValueError, CatalogError):
+            pass  # a torn or foreign file: ask the trainer again
+    data = query(command, env, creationflags=creationflags)
+    catalog = Catalog(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+    return catalog
+
+
+# ------------------------------------------------------------------------------------------ a panel state
 def training_config(method: str, dim: int, preset: str = "", iterations: int = 0, labeled_batch: int = 0,
                     unlabeled_batch: int = 0, patch_size=(), device: str = "auto", val_every: int | None = None,
                     method_options: dict | None = None, threads: int = 0, extra: dict | None = None) -> dict:
@@ -106,36 +170,3 @@ def training_config(method: str, dim: int, preset: str = "", iterations: int = 0
         cfg["method_options"] = dict(method_options)
     cfg.update(extra or {})
     return cfg
-
-
-def resolved(config: dict) -> dict:
-    """The full configuration the trainer will use (preset and method defaults filled in); raises the
-    engine's one-line ``SemiSegError`` for an impossible combination."""
-    from semiseg.config import resolve_config
-    return resolve_config({**config, "data": config.get("data", "files.csv")}).to_dict()
-
-
-def device_info() -> dict:
-    """torch/CUDA versions and the visible GPUs, plus the device choices for a combo box:
-    ``[(value, text)]`` with "auto" first and always a CPU entry."""
-    info: dict = {"torch": None, "cuda": None, "gpus": [], "choices": [], "text": ""}
-    try:
-        import torch
-    except ImportError:
-        info["text"] = "PyTorch is not installed (install it with the PyTorch extension)"
-        info["choices"] = [("cpu", "CPU")]
-        return info
-    info["torch"] = torch.__version__
-    info["cuda"] = torch.version.cuda
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            info["gpus"].append({"index": i, "name": p.name, "memory_gb": round(p.total_memory / 2**30, 1)})
-    gpus = info["gpus"]
-    info["choices"] = ([("auto", f"Auto (GPU {gpus[0]['index']}: {gpus[0]['name']})")] if gpus else [("auto", "Auto (CPU: no GPU found)")])
-    info["choices"] += [(f"cuda:{g['index']}", f"GPU {g['index']}: {g['name']}, {g['memory_gb']:g} GB") for g in gpus]
-    info["choices"].append(("cpu", "CPU"))
-    cuda = f"CUDA {info['cuda']}" if info["cuda"] else "CPU-only build"
-    gpu_text = "; ".join(f"GPU {g['index']} {g['name']} ({g['memory_gb']:g} GB)" for g in gpus) or "no GPU visible"
-    info["text"] = f"torch {info['torch']} ({cuda}); {gpu_text}"
-    return info

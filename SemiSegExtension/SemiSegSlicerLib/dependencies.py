@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import re
 from pathlib import Path
 
@@ -66,15 +67,25 @@ def missing_requirements(requirements: list[str]) -> list[str]:
 
 
 def torch_status() -> tuple[bool, str]:
-    """(importable, one line): torch version and CUDA build, or why it cannot be used."""
-    try:
-        torch = importlib.import_module("torch")
-    except ImportError:
+    """(installed, one line): torch's version from its package metadata, without importing it (Slicer's
+    process never imports torch: whether it imports and which GPUs it sees is asked of the trainer
+    process, :mod:`SemiSegSlicerLib.catalog`)."""
+    if importlib.util.find_spec("torch") is None:
         return False, "PyTorch is not installed: install it with the PyTorch extension (PyTorch Utils module)"
-    except Exception as e:  # noqa: BLE001 - a broken install (DLL load failure, ...)
-        return False, f"PyTorch cannot be imported ({type(e).__name__}: {e}); reinstall it with PyTorch Utils"
-    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
-    return True, f"torch {torch.__version__} ({cuda})"
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        version = "(unknown version)"
+    return True, f"torch {version}"
+
+
+def slicer_packaging():
+    """``slicer.packaging`` (Slicer 5.12+: ``pip_ensure``), imported, or None on older Slicer. It is a
+    submodule that ``import slicer`` does not import."""
+    try:
+        return importlib.import_module("slicer.packaging")
+    except ImportError:
+        return None
 
 
 def ensure_dependencies(requirements_path, ask: bool = True) -> bool:
@@ -105,7 +116,7 @@ def ensure_dependencies(requirements_path, ask: bool = True) -> bool:
         return True
     if testing:
         raise DependencyError(f"missing Python packages in testing mode: {', '.join(missing)}")
-    packaging = getattr(slicer, "packaging", None)
+    packaging = slicer_packaging()
     if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.12+
         packaging.pip_ensure(missing, skip_packages=sorted(NEVER_INSTALL), requester="SemiSeg")
     else:

@@ -18,6 +18,11 @@ class TrainingPlot:
         self.chart = None
         self.series: dict[str, object] = {}
 
+    def create(self) -> "TrainingPlot":
+        """Make the table and chart now, so the chart can be shown before the first progress event."""
+        self._ensure_nodes()
+        return self
+
     def _ensure_nodes(self) -> None:
         if self.table is None or self.scene.GetNodeByID(self.table.GetID()) is None:
             self.table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{self.name} table")

@@ -1,15 +1,17 @@
 """The trainer as a background process: command, environment, a job runner, process-tree kill.
 
-:class:`JobRunner` owns one job: it starts ``<python> -u -m semiseg_trainer --json run --job DIR``,
-parses stdout with the shared :class:`semiseg_trainer.protocol.EventParser` (partial lines and
-non-JSON output tolerated), keeps the end of stderr, cancels gracefully (``CANCEL`` sentinel; the
-trainer checkpoints and exits with its own code) and kills the whole process tree after a grace
-period. It runs on one of two backends with the same small interface:
+:class:`JobRunner` owns one job: it starts ``<python> -u -m semiseg_trainer --json run --job DIR`` as a
+:class:`ChildProcess`, parses stdout with the shared :class:`semiseg_trainer.protocol.EventParser`
+(partial lines and non-JSON output tolerated), keeps the end of stderr, cancels gracefully (``CANCEL``
+sentinel; the trainer checkpoints and exits with its own code) and kills the whole process tree after a
+grace period. Nothing here imports Qt: output is delivered when the owner calls :meth:`JobRunner.poll`
+(Slicer: from a ``qt.QTimer`` on the main thread, see :mod:`SemiSegSlicerLib.mainloop`) or
+:meth:`JobRunner.wait` (scripts, tests, ``waitForCompletion=True``). Slicer, scripts and the tests run
+this one path.
 
-* :class:`QtProcessBackend` — ``qt.QProcess`` inside Slicer (signals on the main thread, no Python
-  threads; the only Qt-dependent code of the Slicer-side library);
-* :class:`PopenBackend` — ``subprocess.Popen`` + reader threads whose output is delivered on the
-  caller's thread by :meth:`JobRunner.poll` (scripts, tests, Slicer without PythonQt).
+Callbacks that raise are logged and do not stop the job's bookkeeping: inside Slicer a callback runs
+under a Qt slot, where PythonQt would print and swallow the exception and leave the job looking
+"running" forever.
 
 ``PythonSlicer`` is a launcher that starts the real interpreter as a child, so killing the direct
 child is not enough: :func:`kill_process_tree` kills every descendant (psutil if available, else
@@ -17,7 +19,9 @@ child is not enough: :func:`kill_process_tree` kills every descendant (psutil if
 """
 from __future__ import annotations
 
+import codecs
 import collections
+import logging
 import os
 import signal
 import subprocess
@@ -50,10 +54,14 @@ def package_roots() -> list[str]:
     return roots
 
 
+def trainer_module_command(args: list[str], python: str | None = None) -> list[str]:
+    """``[python, -u, -m, semiseg_trainer, *args]``; inside Slicer ``sys.executable`` is PythonSlicer."""
+    return [python or sys.executable, "-u", "-m", "semiseg_trainer", *args]
+
+
 def trainer_command(job_dir, python: str | None = None) -> list[str]:
-    """``[python, -u, -m, semiseg_trainer, --json, run, --job, DIR]``; inside Slicer ``sys.executable``
-    is PythonSlicer."""
-    return [python or sys.executable, "-u", "-m", "semiseg_trainer", "--json", "run", "--job", str(job_dir)]
+    """``[python, -u, -m, semiseg_trainer, --json, run, --job, DIR]``."""
+    return trainer_module_command(["--json", "run", "--job", str(job_dir)], python)
 
 
 def trainer_environment(base: dict | None = None, cpu_only: bool = False) -> dict:
@@ -126,7 +134,8 @@ def pid_alive(pid: int) -> bool:
     except ImportError:
         pass
     if sys.platform.startswith("win"):
-        out = subprocess.run(["tasklist", "/FI", f"PID eq {pid}"], capture_output=True, text=True).stdout
+        out = subprocess.run(["tasklist", "/FI", f"PID eq {pid}"], capture_output=True, text=True,
+                             creationflags=no_window_flags()).stdout
         return str(pid) in out
     try:
         os.kill(pid, 0)
@@ -147,7 +156,7 @@ def kill_process_tree(pid: int, include_parent: bool = True) -> list[int]:
     if pid <= 0 or pid == os.getpid():
         return []
     if sys.platform.startswith("win"):
-        subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True)
+        subprocess.run(["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True, creationflags=no_window_flags())
         return [pid]
     # the parent first, so that it cannot react to its children's death (e.g. exit 0 after a wait)
     victims = ([pid] if include_parent else []) + descendant_pids(pid)
@@ -161,15 +170,23 @@ def kill_process_tree(pid: int, include_parent: bool = True) -> list[int]:
     return victims
 
 
-# ---------------------------------------------------------------------------------------- backends
-class PopenBackend:
-    """``subprocess.Popen`` with reader threads; output is queued and delivered by :meth:`pump` on the
-    caller's thread, so callbacks never run on a reader thread."""
+# ---------------------------------------------------------------------------------------- child process
+def no_window_flags() -> int:
+    """Windows: start console programs (PythonSlicer, taskkill, tasklist) without flashing a console window
+    (Slicer is a GUI application, so each would otherwise open one)."""
+    return getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000) if sys.platform.startswith("win") else 0
+
+
+class ChildProcess:
+    """The trainer as ``subprocess.Popen`` with one reader thread per pipe. The threads only queue what
+    they read; :meth:`pump` delivers output, due timers and the exit on the caller's thread (in Slicer the
+    main thread, from a ``qt.QTimer`` or a blocking wait), so no callback ever runs on a reader thread.
+    This is the pattern of Slicer's own ``launchConsoleProcess(blocking=False)`` and MONAIAuto3DSeg."""
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None
         self._queue: queue.Queue = queue.Queue()
-        self._threads: list[threading.Thread] = []
+        self._closed_streams = 0
         self._finished_sent = False
         self._timers: list[tuple[float, Callable]] = []
         self.on_stdout: Callable[[str], None] = lambda s: None
@@ -177,21 +194,21 @@ class PopenBackend:
         self.on_finished: Callable[[int], None] = lambda c: None
 
     def start(self, program: str, args: list[str], env: dict, cwd: str) -> None:
-        kw = {}
+        kw: dict = {}
         if sys.platform.startswith("win"):
-            kw["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
+            kw["creationflags"] = no_window_flags() | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200)
         else:
             kw["start_new_session"] = True  # the tree can be killed without touching our group
         self.proc = subprocess.Popen([program, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, env=env, cwd=cwd, **kw)
         for stream, kind in ((self.proc.stdout, "out"), (self.proc.stderr, "err")):
-            t = threading.Thread(target=self._read, args=(stream, kind), daemon=True)
-            t.start()
-            self._threads.append(t)
+            threading.Thread(target=self._read, args=(stream, kind), daemon=True).start()
 
     def _read(self, stream, kind: str) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character split across reads
         for raw in iter(lambda: stream.read1(65536) if hasattr(stream, "read1") else stream.read(4096), b""):
-            self._queue.put((kind, raw.decode("utf-8", errors="replace")))
+            self._queue.put((kind, decoder.decode(raw)))
+        self._queue.put((kind, decoder.decode(b"", final=True)))
         self._queue.put((kind, None))
 
     def pid(self) -> int:
@@ -208,106 +225,29 @@ class PopenBackend:
         self._timers.append((time.monotonic() + seconds, fn))
 
     def pump(self, timeout: float = 0.0) -> None:
-        """Deliver queued output, due timers and the exit (once both streams are closed)."""
+        """Deliver queued output, due timers and the exit (once both streams are closed), waiting at most
+        ``timeout`` seconds for output to arrive."""
         deadline = time.monotonic() + timeout
-        closed = getattr(self, "_closed", 0)
         while True:
             try:
                 kind, text = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
             if text is None:
-                closed += 1
-            elif kind == "out":
-                self.on_stdout(text)
-            else:
-                self.on_stderr(text)
+                self._closed_streams += 1
+            elif text:
+                (self.on_stdout if kind == "out" else self.on_stderr)(text)
             if self._queue.empty() and time.monotonic() >= deadline:
                 break
-        self._closed = closed
         now = time.monotonic()
         due = [t for t in self._timers if t[0] <= now]
         self._timers = [t for t in self._timers if t[0] > now]
         for _, fn in due:
             fn()
-        if closed >= 2 and not self._finished_sent and self.proc is not None:
+        if self._closed_streams >= 2 and not self._finished_sent and self.proc is not None:
             code = self.proc.wait()
             self._finished_sent = True
             self.on_finished(code)
-
-    def wait_step(self, seconds: float) -> None:
-        self.pump(seconds)
-
-
-class QtProcessBackend:
-    """``qt.QProcess`` (Slicer): signals deliver output and the exit on the main thread."""
-
-    def __init__(self):
-        import qt
-        self._qt = qt
-        self.proc = qt.QProcess()
-        self.proc.setProcessChannelMode(qt.QProcess.SeparateChannels)
-        self.on_stdout: Callable[[str], None] = lambda s: None
-        self.on_stderr: Callable[[str], None] = lambda s: None
-        self.on_finished: Callable[[int], None] = lambda c: None
-        self.proc.connect("readyReadStandardOutput()", self._read_out)
-        self.proc.connect("readyReadStandardError()", self._read_err)
-        self.proc.connect("finished(int,QProcess::ExitStatus)", self._finished)
-        self.proc.connect("errorOccurred(QProcess::ProcessError)", self._error)
-        self._done = False
-
-    def start(self, program: str, args: list[str], env: dict, cwd: str) -> None:
-        qt = self._qt
-        penv = qt.QProcessEnvironment()
-        for k, v in env.items():
-            penv.insert(k, v)
-        self.proc.setProcessEnvironment(penv)
-        self.proc.setWorkingDirectory(cwd)
-        self.proc.start(program, args)
-
-    def _read_out(self):
-        self.on_stdout(bytes(self.proc.readAllStandardOutput()).decode("utf-8", errors="replace"))
-
-    def _read_err(self):
-        self.on_stderr(bytes(self.proc.readAllStandardError()).decode("utf-8", errors="replace"))
-
-    def _finished(self, code, status=None):
-        if self._done:
-            return
-        self._done = True
-        self._read_out()
-        self._read_err()
-        crashed = status is not None and status == self._qt.QProcess.CrashExit
-        self.on_finished(-9 if crashed and code == 0 else int(code))
-
-    def _error(self, error):
-        if error == self._qt.QProcess.FailedToStart and not self._done:
-            self.on_stderr(f"cannot start the trainer process: {self.proc.errorString()}\n")
-            self._done = True
-            self.on_finished(-1)
-
-    def pid(self) -> int:
-        return int(self.proc.processId()) if hasattr(self.proc, "processId") else int(self.proc.pid())
-
-    def running(self) -> bool:
-        return self.proc.state() != self._qt.QProcess.NotRunning
-
-    def kill(self) -> None:
-        pid = self.pid()
-        if pid:
-            kill_process_tree(pid)
-        self.proc.kill()
-
-    def call_later(self, seconds: float, fn: Callable) -> None:
-        self._qt.QTimer.singleShot(int(seconds * 1000), fn)
-
-    def pump(self, timeout: float = 0.0) -> None:
-        import slicer
-        slicer.app.processEvents()
-
-    def wait_step(self, seconds: float) -> None:
-        self.proc.waitForFinished(int(seconds * 1000))  # emits readyRead/finished synchronously
-        self.pump()
 
 
 # ---------------------------------------------------------------------------------------- runner
@@ -329,11 +269,11 @@ class JobResult:
 class JobRunner:
     """Run one job folder with callbacks ``on_event(event)``, ``on_log(text)``, ``on_finished(result)``."""
 
-    def __init__(self, job_dir, backend=None, python: str | None = None, cpu_only: bool = False,
+    def __init__(self, job_dir, python: str | None = None, cpu_only: bool = False,
                  on_event: Callable[[dict], None] | None = None, on_log: Callable[[str], None] | None = None,
                  on_finished: Callable[[JobResult], None] | None = None, grace_seconds: float = GRACE_SECONDS):
         self.job_dir = Path(job_dir)
-        self.backend = backend or PopenBackend()
+        self.backend = ChildProcess()
         self.python = python
         self.cpu_only = cpu_only
         self.on_event = on_event or (lambda e: None)
@@ -371,7 +311,7 @@ class JobRunner:
             return
         self.cancel_requested = True
         protocol.request_cancel(self.job_dir)
-        self.on_log("cancel requested: the trainer checkpoints and stops")
+        _call(self.on_log, "cancel requested: the trainer checkpoints and stops")
         grace = self.grace_seconds if grace_seconds is None else grace_seconds
         self.backend.call_later(grace, self._kill_if_running)
 
@@ -383,19 +323,23 @@ class JobRunner:
 
     def _kill_if_running(self) -> None:
         if self.running:
-            self.on_log(f"the trainer did not stop within {self.grace_seconds:g} s: killing its process tree")
+            _call(self.on_log, f"the trainer did not stop within {self.grace_seconds:g} s: killing its process tree")
             self.kill()
 
     def poll(self, timeout: float = 0.0) -> None:
         self.backend.pump(timeout)
 
-    def wait(self, timeout: float | None = None, step: float = 0.1) -> JobResult | None:
-        """Block until the job ends (scripts, tests), delivering callbacks meanwhile."""
+    def wait(self, timeout: float | None = None, step: float = 0.1,
+             between: Callable[[], None] | None = None) -> JobResult | None:
+        """Block until the job ends (scripts, tests), delivering callbacks meanwhile; ``between`` runs
+        after each step (Slicer: ``slicer.app.processEvents`` so that the application stays painted)."""
         end = None if timeout is None else time.monotonic() + timeout
         while self.result is None:
             if end is not None and time.monotonic() > end:
                 return None
-            self.backend.wait_step(step)
+            self.backend.pump(step)
+            if between is not None:
+                _call(between)
         return self.result
 
     # -------------------------------------------------------------------------- output
@@ -406,7 +350,7 @@ class JobRunner:
     def _event(self, e: dict) -> None:
         self.events.append(e)
         self.progress.update(e)
-        self.on_event(e)
+        _call(self.on_event, e)
 
     def _stderr(self, text: str) -> None:
         text = self._stderr_partial + text
@@ -415,16 +359,24 @@ class JobRunner:
             line = line.rstrip()
             if line:
                 self.stderr.append(line)
-                self.on_log(line)
+                _call(self.on_log, line)
 
     def _finished(self, code: int) -> None:
         for e in self.parser.flush():
             self._event(e)
         if self._stderr_partial.strip():
             self.stderr.append(self._stderr_partial.rstrip())
-            self.on_log(self._stderr_partial.rstrip())
+            _call(self.on_log, self._stderr_partial.rstrip())
             self._stderr_partial = ""
         status, message, details = protocol.diagnose_exit(code, self.events, "\n".join(self.stderr),
                                                           killed=self.killed)
         self.result = JobResult(status, message, details, code, self.killed, str(self.job_dir), list(self.events))
-        self.on_finished(self.result)
+        _call(self.on_finished, self.result)
+
+
+def _call(fn: Callable, *args) -> None:
+    """Run a callback; an exception is logged with its traceback, never propagated into the pump."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - one faulty observer must not stall the job
+        logging.exception("SemiSeg: a job callback raised")

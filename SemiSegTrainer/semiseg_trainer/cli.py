@@ -536,6 +536,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     mth.add_argument("--deviations", action="store_true",
                      help="instead: every known difference of each method from its reference (paper and code), "
                           "with its reason and the option that restores the reference")
+    sub.add_parser("devices", help="torch/CUDA versions, GPUs and their memory, Apple MPS, the CPU "
+                                   "(--json: one JSON object)")
+    sub.add_parser("catalog", help="the Slicer panel's catalog as JSON: methods, options, recipes, devices")
     sub.add_parser("presets", help="list the dataset recipes")
     r = sub.add_parser("run", help="run a job folder (the Slicer module's protocol)")
     r.add_argument("--job", required=True)
@@ -589,6 +592,20 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     return p
 
 
+def cmd_describe(ns) -> int:
+    """``semiseg devices`` (one line, or JSON with --json) and ``semiseg catalog`` (JSON for the panel)."""
+    import json
+    from semiseg import devices
+    if ns.command == "catalog":
+        from semiseg_trainer import panel_catalog
+        print(json.dumps(panel_catalog.build()))
+    elif ns.json:
+        print(json.dumps(devices.describe()))
+    else:
+        print(devices.summary(devices.describe()))
+    return protocol.EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from semiseg.errors import CancelledError, SemiSegError
@@ -620,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "presets":
         print(describe_presets())
         return protocol.EXIT_OK
+    if ns.command in ("devices", "catalog"):
+        return cmd_describe(ns)
     handler = {"plan": cmd_plan, "train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "run": cmd_run,
                "benchmark": cmd_benchmark, "report": cmd_report,
                "bench": cmd_bench}

@@ -58,7 +58,8 @@ class Options:
     memory_check: bool = field(default=True, metadata={
         "help": "estimate the training memory before the first iteration and stop with an error when it cannot fit"})
     run: dict = field(default=None, metadata={
-        "help": "filled in from the run configuration (batch sizes, patch size); not a user option"})
+        "help": "filled in from the run configuration (batch sizes, patch size); not a user option",
+        "internal": True})
 
 
 RECIPE = {"acdc": {"labeled_batch": 8, "unlabeled_batch": 8, "lr_schedule": "poly", "lr": 0.01}}
