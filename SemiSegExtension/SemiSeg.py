@@ -863,8 +863,9 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
 # SemiSegTest
 #
 class SemiSegTest(ScriptedLoadableModuleTest):
-    """A short CPU run through the logic on a tiny synthetic scene (Slicer's ctest / Self Tests).
-    Skipped with a message when PyTorch is not installed (nothing is installed in testing mode)."""
+    """A short CPU run through the logic on a tiny synthetic scene (Slicer's ctest / Self Tests): the blocking
+    scripting path, then the panel's non-blocking path with Slicer's real event loop. Skipped with a message
+    when PyTorch is not installed (nothing is installed in testing mode)."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -919,4 +920,17 @@ class SemiSegTest(ScriptedLoadableModuleTest):
         for got, want in zip(mrml_export.segments_of(node)[0][1].GetColor(), (0.9, 0.2, 0.2)):
             self.assertAlmostEqual(got, want, places=5)
         self.assertIs(mrml_export.source_volume(node), unlabeled[0])
+
+        # the panel's path: nothing blocks; results arrive while Slicer processes events
+        import time
+        finished = []
+        logic.segment([unlabeled[1]], device="cpu", waitForCompletion=False, finishedCallback=finished.append)
+        deadline = time.monotonic() + 300
+        while not finished and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertTrue(finished, "the segmentation job did not report back within 5 minutes")
+        self.assertEqual(finished[0].status, "completed", finished[0].message)
+        self.assertEqual([n.GetName() for n in finished[0].nodes], ["unlabeled 2 SemiSeg"])
+        self.assertEqual(logic.panelState().last_training_job, str(logic.lastTrainingJob))
         self.delayDisplay("SemiSeg test passed")

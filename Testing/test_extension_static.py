@@ -54,9 +54,6 @@ def test_extension_cmake_metadata_packages_and_catalog_entry():
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL"):
         assert sets.get(key) and sets[key][0], key
-    # the validator reads these two as single-line quoted set() calls
-    assert re.search(r'^set\(EXTENSION_ICONURL "https://[^"\n]+\.png"\)$', text, re.M)
-    assert re.search(r'^set\(EXTENSION_SCREENSHOTURLS "[^"\n]*"\)$', text, re.M)
     for sub in re.findall(r"add_subdirectory\((\w+)\)", text):
         assert (ROOT / sub / "CMakeLists.txt").is_file(), sub
     assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_USE_FILE})" in text
@@ -78,6 +75,63 @@ def test_extension_cmake_metadata_packages_and_catalog_entry():
     assert entry["category"] == sets["EXTENSION_CATEGORY"][0] and 1 <= entry["tier"] <= 5
     assert not project.startswith("Slicer") and entry["scm_url"].split("/")[-1].startswith("Slicer")
     assert (ROOT / "LICENSE").is_file()
+
+
+# The Extensions Index's offline rules (Slicer/ExtensionsIndex scripts/check_description_files.py: the
+# description file's schema, category, repository name and URL scheme; the top-level CMakeLists.txt's
+# project name, icon and screenshot URLs; a license file) and its catalog-entry schema
+# (Slicer/Slicer Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json).
+CATALOG_SCHEMA = {"required": {"$schema", "category", "scm_url"},
+                  "types": {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+                            "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int},
+                  "enums": {"scm_type": {"git", "local"}, "tier": {1, 3, 5}}}
+RAW_URL = "https://raw.githubusercontent.com/SemiSeg/SlicerSemiSeg/main/"
+
+
+def test_extensions_index_rules_that_run_offline():
+    description = ROOT / "SemiSeg.json"
+    name = description.stem
+    entry = json.loads(description.read_text())
+    assert CATALOG_SCHEMA["required"] <= set(entry) and set(entry) <= set(CATALOG_SCHEMA["types"])
+    for key, value in entry.items():
+        assert isinstance(value, CATALOG_SCHEMA["types"][key]) and not (
+            CATALOG_SCHEMA["types"][key] is int and isinstance(value, bool)), key
+        assert value in CATALOG_SCHEMA["enums"].get(key, {value}), key
+    assert all(isinstance(d, str) for d in entry.get("build_dependencies", []))
+    assert entry["category"] in ("Segmentation", "Active Learning")  # in the index's accepted categories
+    scm = entry["scm_url"]
+    assert "://" in scm and scm.split("://")[0] in ("git", "https")
+    assert "slicer" in Path(scm.split("://")[1]).stem.lower()  # the repository name contains "Slicer"
+
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    project = re.findall(r'project\s*\(\s*([^\s\)\n\r]+)', cmake, re.I | re.M)  # the index's own patterns
+    assert project and project[0].strip("\"'") == name
+    icons = re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', cmake, re.I | re.M)
+    shots = re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', cmake, re.I | re.M)
+    assert icons and shots, "icon and screenshot URLs must be set (non-empty, one quoted line each)"
+    urls = [icons[0].strip()] + shots[0].split()
+    for url in urls:  # https images in this repository, at the path the raw URL names
+        assert url.startswith(RAW_URL) and url.lower().endswith((".png", ".jpg", ".jpeg", ".gif")), url
+        image = ROOT / url[len(RAW_URL):]
+        assert image.is_file(), f"{url} names {image.relative_to(ROOT)}, which is not in the repository"
+        head = image.read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff" or head[:4] == b"GIF8", url
+    assert any((ROOT / n).is_file() for n in ("LICENSE", "LICENCE", "License.txt", "license.txt", "LICENSE.txt",
+                                             "COPYING", "COPYING.txt"))
+    # the repository stays far under the index's 100 MB: every tracked file counted
+    import subprocess
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    size = sum((ROOT / f).stat().st_size for f in tracked.decode().split("\0") if f and (ROOT / f).is_file())
+    assert size < 100 * 2**20, f"{size / 2**20:.1f} MB of tracked files"
+
+
+def test_screenshot_is_a_real_picture():
+    """The screenshot is a rendered figure (not a placeholder): a PNG of useful size with many colours."""
+    import zlib
+    data = (ROOT / "Screenshots" / "semiseg-phantom.png").read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 600 and height >= 300
+    assert len(data) > 20_000 and len(zlib.compress(data)) > 0.5 * len(data)  # incompressible: real image data
 
 
 def test_icon_is_a_128_pixel_png():

@@ -57,6 +57,11 @@ def test_progress_state_folds_events_into_status_and_plot_rows():
     assert s.plot_rows() == [[10, 0.5, 0.4, 0.8123], [20, 0.25, 0.2, 0.8123]]
     s.update({"event": "started", "iteration": 10, "iterations": 100})  # resumed at 10: later rows dropped
     assert [r[0] for r in s.plot_rows()] == [10]
+    # a time-budgeted run reports the time left until its deadline instead of an ETA
+    s.update({"event": "iteration", "iteration": 30, "iterations": 100, "eta_s": 500.0, "remaining_s": 95.0,
+              "loss": 0.2})
+    assert s.status_text().startswith("iteration 30/100 · 1m35s left of the time budget · loss 0.2000")
+    assert "remaining_s" not in s.plot_columns()
 
 
 def test_diagnose_exit_gives_one_actionable_line():

@@ -121,3 +121,27 @@ def test_windows_processes_start_without_a_console_window(monkeypatch):
     assert [c[0][0] for c in calls] == ["PythonSlicer.exe", "taskkill", "tasklist"]
     assert all(c[1]["creationflags"] & no_window for c in calls)
     assert calls[0][1]["creationflags"] & 0x200  # its own process group: Ctrl-C in Slicer's console spares it
+
+
+def test_mps_choice_and_a_missing_mps_operator_is_one_line(monkeypatch):
+    import torch
+    from semiseg import devices
+    from semiseg.errors import SemiSegError, device_error
+    from semiseg.train.loop import select_device
+    monkeypatch.setattr(devices, "mps_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device("auto").type == "mps" and select_device("mps").type == "mps"
+    info = devices.describe()
+    assert info["mps"] and [c[0] for c in info["choices"]] == ["auto", "mps", "cpu"]
+    assert "MPS" in info["choices"][0][1] and "Apple GPU (MPS)" in devices.summary(info)
+    monkeypatch.setattr(devices, "mps_available", lambda: False)
+    assert select_device("auto").type == "cpu"
+    with pytest.raises(SemiSegError, match="device 'mps' requested but Apple's MPS backend is not available"):
+        select_device("mps")
+    err = NotImplementedError("The operator 'aten::_upsample_bilinear2d_aa.out' is not currently implemented for "
+                              "the MPS device. If you want this op to be added in priority during the prototype "
+                              "phase of this feature, please comment on https://github.com/pytorch/pytorch/issues/77764.")
+    line = str(device_error(err))
+    assert line.startswith("aten::_upsample_bilinear2d_aa.out is not implemented on Apple's MPS backend")
+    assert "PYTORCH_ENABLE_MPS_FALLBACK=1" in line and device_error(NotImplementedError("other")) is None
+    assert process.trainer_environment({})["PYTORCH_ENABLE_MPS_FALLBACK"] == "1"

@@ -73,6 +73,8 @@ def trainer_environment(base: dict | None = None, cpu_only: bool = False) -> dic
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     if cpu_only:
         env["CUDA_VISIBLE_DEVICES"] = "-1"
+    # Apple's MPS backend lacks some operators: PyTorch runs them on the CPU instead of failing
+    env.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     return env
 
 

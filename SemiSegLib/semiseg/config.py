@@ -51,7 +51,7 @@ class TrainConfig:
     weight_decay: float = field(default=1e-4, metadata=_h("SGD weight decay"))
     ema_decay: float = field(default=0.99, metadata=_h("EMA teacher decay α (α = min(1 − 1/(it+1), decay))"))
     # runtime
-    device: str = field(default="auto", metadata=_h("auto, cpu, cuda, cuda:N"))
+    device: str = field(default="auto", metadata=_h("auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, cuda:N, mps"))
     amp: bool = field(default=True, metadata=_h("mixed precision under precision=auto (bf16/fp16 on a GPU, bf16 on a CPU with native bf16); --no-amp = fp32"))
     seed: int = field(default=1337, metadata=_h("random seed (lineage default 1337)"))
     deterministic: bool = field(default=False, metadata=_h("deterministic algorithms (exact resume, slower on GPU)"))

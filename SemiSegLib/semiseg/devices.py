@@ -9,18 +9,6 @@ import os
 import platform
 
 
-def cpu_name() -> str:
-    """The processor's model name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def mps_available() -> bool:
     import torch
     backend = getattr(torch.backends, "mps", None)
@@ -31,13 +19,18 @@ def describe() -> dict:
     """torch/CUDA versions, GPUs, MPS, CPU, and the device choices a user can pick:
     ``choices = [[value, label], ...]`` with ``auto`` first and the CPU last (what `--device` accepts)."""
     info: dict = {"torch": None, "cuda": None, "gpus": [], "mps": False,
-                  "cpu": {"name": cpu_name(), "cores": os.cpu_count() or 1}, "choices": [], "error": ""}
+                  "cpu": {"name": platform.processor() or platform.machine(), "cores": os.cpu_count() or 1},
+                  "choices": [], "error": ""}
     try:
         import torch
+
+        from . import machine
     except Exception as e:  # noqa: BLE001 - a missing or broken torch is a fact to report, not a crash
         info["error"] = f"PyTorch cannot be imported ({type(e).__name__}: {e})"
         info["choices"] = [["cpu", "CPU"]]
         return info
+    m = machine.describe()
+    info["cpu"] = {"name": m["cpu"], "cores": m["cores"], "native_bf16": m["native_bf16"]}
     info["torch"] = torch.__version__
     info["cuda"] = torch.version.cuda
     if torch.cuda.is_available():
@@ -68,5 +61,6 @@ def summary(info: dict) -> str:
     parts = [f"GPU {g['index']} {g['name']} ({g['memory_gb']:g} GB)" for g in info.get("gpus", [])]
     if info.get("mps"):
         parts.append("Apple GPU (MPS)")
+    bf16 = ", native bf16" if info["cpu"].get("native_bf16") else ""
     return f"torch {info['torch']} ({build}); " + ("; ".join(parts) or "no GPU visible") + \
-        f"; CPU {info['cpu']['name']} ({info['cpu']['cores']} cores)"
+        f"; CPU {info['cpu']['name']} ({info['cpu']['cores']} cores{bf16})"

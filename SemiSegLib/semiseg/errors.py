@@ -18,3 +18,18 @@ class SemiSegError(Exception):
 
 class CancelledError(SemiSegError):
     """Training or inference stopped on request; the last checkpoint is valid."""
+
+
+MPS_FALLBACK_VARIABLE = "PYTORCH_ENABLE_MPS_FALLBACK"
+
+
+def device_error(exc: BaseException) -> SemiSegError | None:
+    """A device's missing operation as one line (None for anything else): PyTorch's MPS backend raises
+    ``NotImplementedError`` for an operator it lacks, which PyTorch can run on the CPU instead when
+    ``PYTORCH_ENABLE_MPS_FALLBACK=1`` is set before it starts (the Slicer module sets it for its trainer)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, NotImplementedError) and "MPS" in text:
+        op = text.split("'")[1] if text.count("'") >= 2 else "an operation"
+        return SemiSegError(f"{op} is not implemented on Apple's MPS backend: set {MPS_FALLBACK_VARIABLE}=1 "
+                            "to run it on the CPU, or train with --device cpu")
+    return None

@@ -327,6 +327,10 @@ def cmd_run(ns, reporter) -> int:
         return fail(f"a Python package the trainer needs is missing: {e.name} (install SemiSeg's requirements)",
                     traceback.format_exc())
     except Exception as e:  # noqa: BLE001 - a bug or an unforeseen environment problem: still one event
+        from semiseg.errors import device_error
+        known = device_error(e)
+        if known is not None:
+            return fail(str(known), traceback.format_exc())
         return fail(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
                     f"(details in {job / protocol.EVENTS_FILE})", traceback.format_exc())
     finally:
@@ -647,7 +651,12 @@ def main(argv: list[str] | None = None) -> int:
     except CancelledError as e:
         print(f"semiseg: {e}", file=sys.stderr)
         return protocol.EXIT_CANCELLED
-    except SemiSegError as e:
+    except (SemiSegError, NotImplementedError) as e:
+        from semiseg.errors import device_error
+        if not isinstance(e, SemiSegError):
+            e = device_error(e) or e
+            if not isinstance(e, SemiSegError):
+                raise
         if reporter.json:
             reporter({"event": "error", "message": str(e)})
         print(f"semiseg: error: {e}", file=sys.stderr)

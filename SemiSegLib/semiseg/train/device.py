@@ -13,9 +13,15 @@ from ..machine import native_bf16
 
 
 def select_device(name: str) -> torch.device:
+    """``auto``: a CUDA GPU, else Apple's MPS (Apple-silicon Macs), else the CPU."""
+    from ..devices import mps_available
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
+    if name == "mps":
+        if not mps_available():
+            raise SemiSegError("device 'mps' requested but Apple's MPS backend is not available (it needs an "
+                               "Apple-silicon Mac and a torch build with MPS; use --device cpu)")
+    elif name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SemiSegError(f"device '{name}' requested but CUDA is not available "
                                f"(torch {torch.__version__}; use --device cpu or install a CUDA build of torch)")
@@ -23,7 +29,7 @@ def select_device(name: str) -> torch.device:
         if idx >= torch.cuda.device_count():
             raise SemiSegError(f"device '{name}' requested but only {torch.cuda.device_count()} GPU(s) are visible")
     elif name != "cpu":
-        raise SemiSegError(f"unknown device '{name}' (auto, cpu, cuda, cuda:N)")
+        raise SemiSegError(f"unknown device '{name}' (auto, cpu, cuda, cuda:N, mps)")
     return torch.device(name)
 
 
