@@ -794,7 +794,7 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         try:
             if result.ok and self.task == "train":
                 self.model = models.job_model_info(result.job_dir)
-                self._updateState(model=self.model["checkpoint"])
+                self._updateState(model=str(result.job_dir))  # reloads from the job's JSON files, no torch
             elif result.ok and self.task == "segment":
                 result.nodes = mrml_import.import_job_predictions(
                     slicer.mrmlScene, result.job_dir, classes=self.model.get("classes") if self.model else None,

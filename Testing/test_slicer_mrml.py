@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from unittest.mock import ANY
 
 pytest.importorskip("slicer_core", reason="real MRML needs the slicer-core wheel "
                                           "(pip install slicer-core==5.12.4.0, Slicer 5.12 stable)")
@@ -540,7 +541,8 @@ def test_panel_path_delivers_on_the_main_thread_only_when_events_are_processed(s
     assert events[0] == "started" and events[-1] == "finished" and threads == {threading.main_thread()}
     assert logic.plot.values("iteration") == [5, 10]
     assert logic.panelState().last_training_job == str(logic.lastTrainingJob)
-    assert logic.panelState().model == logic.model["checkpoint"]
+    assert logic.panelState().model == str(logic.lastTrainingJob)
+    assert semiseg_module.SemiSegLogic().model == {**logic.model, "created": ANY}  # what a reopened panel loads
 
     finished.clear()
     assert logic.segment([unlabeled[0]], device="cpu", waitForCompletion=False, finishedCallback=finished.append) is None
@@ -613,3 +615,42 @@ def test_panel_state_and_last_job_are_saved_with_the_scene(scene, tmp_path, semi
     assert restored.lastTrainingJob == job and restored.canResume() and restored.workspace == tmp_path / "ws"
     assert restored.model["method"] == "ua_mt" and restored.modelDescription().startswith("m1: ua_mt")
     assert reopened.GetNodeByID(state.labeled[0]).GetName() == "labels"
+
+
+def test_opening_the_panel_never_imports_torch(tmp_path):
+    """Slicer's own process stays light: the module file, its Logic on a scene that remembers a trained model,
+    the dependency check and the class table import no torch (a fresh interpreter, the PythonQt stand-in)."""
+    job = tmp_path / "ws" / "jobs" / "train-20260101-000000"
+    (job / "run").mkdir(parents=True)
+    (job / "run" / "best.pt").write_bytes(b"weights")
+    (job / "run" / "config.json").write_text(json.dumps({"method": "mean_teacher"}))
+    (job / "job.json").write_text(json.dumps({"task": "train", "dataset": {
+        "classes": [{"value": 1, "name": "disk", "color": list(RED)}]}}))
+    script = f"""
+import sys, types, unittest
+sys.path[:0] = [{str(ROOT / "SemiSegExtension")!r}, {str(Path(__file__).parent)!r}]
+import pythonqt_standin, slicer
+slm = types.ModuleType("slicer.ScriptedLoadableModule")
+class Base:
+    def __init__(self, *a, **k): pass
+slm.ScriptedLoadableModule = slm.ScriptedLoadableModuleWidget = slm.ScriptedLoadableModuleLogic = Base
+slm.ScriptedLoadableModuleTest = unittest.TestCase
+sys.modules["slicer.ScriptedLoadableModule"] = slm
+sys.modules["qt"] = pythonqt_standin.qt_module()
+slicer.mrmlScene = slicer.vtkMRMLScene()
+slicer.app = pythonqt_standin.Application({str(tmp_path)!r})
+from SemiSegSlicerLib import parameters
+parameters.save(parameters.parameter_node(slicer.mrmlScene),
+                parameters.PanelState(workspace={str(tmp_path / "ws")!r}, last_training_job={str(job)!r},
+                                      model={str(job)!r}))
+import SemiSeg
+logic = SemiSeg.SemiSegLogic()
+assert logic.model["method"] == "mean_teacher" and logic.lastTrainingJob is not None
+assert logic.dependencyStatus()[0]
+logic.classTable([])
+print("torch imported:", "torch" in sys.modules)
+"""
+    import subprocess
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "torch imported: False"

@@ -59,10 +59,12 @@ def save_model(job_dir, dest_dir, name: str | None = None) -> Path:
 
 
 def load_model_info(path) -> dict:
-    """Metadata of a saved model (its folder, ``model.json`` or ``model.pt``), with ``checkpoint`` as
-    an absolute path. A bare SemiSeg checkpoint (from ``semiseg train``) works too: its classes come
-    from the checkpoint's own metadata (needs torch)."""
+    """Metadata of a saved model (its folder, ``model.json`` or ``model.pt``) or of a finished training job
+    (its folder), with ``checkpoint`` as an absolute path; neither imports torch. A bare SemiSeg checkpoint
+    (from ``semiseg train``) works too: its classes come from the checkpoint's own metadata (needs torch)."""
     p = Path(path)
+    if p.is_dir() and (p / "job.json").is_file():
+        return job_model_info(p)
     folder = p if p.is_dir() else p.parent
     info_file = folder / INFO_FILE
     if info_file.is_file() and (p.is_dir() or p.name in (INFO_FILE, MODEL_FILE)):
