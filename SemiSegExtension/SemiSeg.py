@@ -223,10 +223,7 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             optionform.restore(self.optionRows, state.method_options)
         optionform.restore(self.trainingRows, state.training_options)
         for row in list(self.optionRows.values()) + list(self.trainingRows.values()):
-            for signal in ("toggled(bool)", "valueChanged(int)", "valueChanged(double)",
-                           "currentIndexChanged(int)", "textChanged(QString)"):
-                if hasattr(row.widget, signal.split("(")[0]):
-                    row.widget.connect(signal, self.updateParameterNodeFromGUI)
+            row.widget.connect(optionform.change_signal(row.option.kind), self.updateParameterNodeFromGUI)
         self.ui.methodOptionsFrame.layout().addWidget(self.optionsContainer)
         defaults = self.logic.resolvedDefaults(name, dim, preset)
         for box, key in ((self.ui.iterationsSpinBox, "iterations"), (self.ui.labeledBatchSpinBox, "labeled_batch"),

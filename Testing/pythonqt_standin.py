@@ -290,13 +290,18 @@ class QCheckBox(QWidget):
 
 
 class QSpinBox(QWidget):
+    """Clamps what it is given to its range, as Qt does."""
+
     def __init__(self):
         super().__init__()
         self.valueChanged = Signal()
         self._min, self._max, self._value = 0, 99, 0
 
     def setRange(self, lo, hi) -> None:
-        self._min, self._max = int(lo), int(hi)
+        self._min, self._max = self._coerce(lo), self._coerce(hi)
+
+    def _coerce(self, v):
+        return int(v)
 
     @property
     def value(self):
@@ -304,30 +309,21 @@ class QSpinBox(QWidget):
 
     @value.setter
     def value(self, v) -> None:
-        self._value = min(max(int(v), self._min), self._max)
+        self._value = self._coerce(min(max(v, self._min), self._max))
 
 
-class QDoubleSpinBox(QWidget):
-    """Rounds what it is given to its decimals (2 by default), as Qt does."""
+class QDoubleSpinBox(QSpinBox):
+    """Also rounds what it is given to its decimals (2 by default), as Qt does."""
 
     def __init__(self):
         super().__init__()
-        self.valueChanged = Signal()
-        self._min, self._max, self._decimals, self._value = 0.0, 99.99, 2, 0.0
+        self._max, self._decimals = 99.99, 2
 
     def setDecimals(self, n: int) -> None:
         self._decimals = int(n)
 
-    def setRange(self, lo, hi) -> None:
-        self._min, self._max = float(lo), float(hi)
-
-    @property
-    def value(self):
-        return self._value
-
-    @value.setter
-    def value(self, v) -> None:
-        self._value = round(min(max(float(v), self._min), self._max), self._decimals)
+    def _coerce(self, v):
+        return round(float(v), self._decimals)
 
 
 class QComboBox(QWidget):

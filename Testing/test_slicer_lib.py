@@ -37,6 +37,9 @@ def test_advanced_rows_send_only_what_the_user_changed():
     fresh = optionform.add_rows(qt, qt.QFormLayout(), options)
     optionform.restore(fresh, {"steps": 9, "flag": False, "gone": 1})
     assert optionform.changed(fresh) == {"steps": 9, "flag": False}
+    for row in rows.values():  # each row's widget has the signal the panel connects for its kind
+        signal = optionform.change_signal(row.option.kind)
+        assert isinstance(getattr(row.widget, signal.split("(")[0]), pythonqt_standin.Signal), signal
 
 
 def test_progress_bar_text_keeps_percent_signs_single():

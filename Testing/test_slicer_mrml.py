@@ -466,15 +466,20 @@ def disk_volume(scene, name, shift):
     return add_volume(scene, name, a, GEOM_A), disk
 
 
-def test_logic_trains_and_segments_a_real_scene(scene, tmp_path, semiseg_module, standin):
-    """The scripting path (``waitForCompletion=True``, what SemiSegTest does inside Slicer) on real MRML
-    with a real trainer process, under PythonQt's rules; the application processes events while it waits."""
+def tiny_scene_and_logic(scene, tmp_path, module):
+    """A labeled disk case and two unlabeled volumes on the real scene, and the module's Logic."""
     pytest.importorskip("torch")
-    logic = semiseg_module.SemiSegLogic()
+    logic = module.SemiSegLogic()
     logic.setWorkspace(tmp_path)
     labeled, disk = disk_volume(scene, "labeled", 0)
     unlabeled = [disk_volume(scene, f"unlabeled {s}", s)[0] for s in (1, 2)]
-    seg = add_segmentation(scene, "labels", labeled, [("disk", disk, RED)])
+    return logic, add_segmentation(scene, "labels", labeled, [("disk", disk, RED)]), unlabeled
+
+
+def test_logic_trains_and_segments_a_real_scene(scene, tmp_path, semiseg_module, standin):
+    """The scripting path (``waitForCompletion=True``, what SemiSegTest does inside Slicer) on real MRML
+    with a real trainer process, under PythonQt's rules; the application processes events while it waits."""
+    logic, seg, unlabeled = tiny_scene_and_logic(scene, tmp_path, semiseg_module)
     kinds: list[str] = []
     result = logic.train([seg], unlabeled=unlabeled, method="mean_teacher", dim=2, iterations=10, labeledBatch=2,
                          unlabeledBatch=2, device="cpu", patchSize=(32, 32), extraConfig={"threads": 1, "log_every": 5},
@@ -514,12 +519,7 @@ def test_panel_path_delivers_on_the_main_thread_only_when_events_are_processed(s
     does not stall the job; the live plot can be shown as soon as training starts."""
     import threading
     import time
-    pytest.importorskip("torch")
-    logic = semiseg_module.SemiSegLogic()
-    logic.setWorkspace(tmp_path)
-    labeled, disk = disk_volume(scene, "labeled", 0)
-    unlabeled = [disk_volume(scene, f"unlabeled {s}", s)[0] for s in (1, 2)]
-    seg = add_segmentation(scene, "labels", labeled, [("disk", disk, RED)])
+    logic, seg, unlabeled = tiny_scene_and_logic(scene, tmp_path, semiseg_module)
     events, finished, threads = [], [], set()
 
     def on_progress(progress, event):

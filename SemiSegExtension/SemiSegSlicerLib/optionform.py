@@ -13,6 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# the signal each kind of row emits when the user changes it (PythonQt's ``widget.connect(signature, slot)``)
+CHANGE_SIGNALS = {"bool": "toggled(bool)", "int": "valueChanged(int)", "float": "valueChanged(double)",
+                  "choice": "currentIndexChanged(int)"}
+
+
+def change_signal(kind: str) -> str:
+    return CHANGE_SIGNALS.get(kind, "textChanged(QString)")
+
+
 @dataclass
 class OptionRow:
     option: object          # catalog.OptionInfo
