@@ -1,6 +1,6 @@
 """Regenerate the Extensions Index screenshot (Screenshots/semiseg-phantom.png): Mean Teacher trained on the
 built-in phantom (4 labeled + 16 unlabeled cases), its training curves and its predictions on held-out slices,
-drawn by the engine's own figure code. Run from the repository root (about two minutes on a laptop CPU):
+drawn by the engine's own figure code. Run from the repository root (a few minutes on a laptop CPU):
 
     python Screenshots/make_screenshots.py
 """

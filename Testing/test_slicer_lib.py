@@ -88,12 +88,24 @@ def test_pip_ensure_comes_from_an_imported_slicer_packaging(tmp_path, monkeypatc
     assert dependencies.slicer_packaging().pip_ensure
 
 
-def test_reload_library_reimports_the_modules(monkeypatch):
-    import SemiSegSlicerLib
-    monkeypatch.setattr(jobs, "JOBS", "changed")
-    reloaded = SemiSegSlicerLib.reload_library()
-    assert "SemiSegSlicerLib.jobs" in reloaded and "semiseg_trainer.protocol" in reloaded
-    assert sys.modules["SemiSegSlicerLib.jobs"].JOBS == "jobs"
+def test_reload_library_reimports_the_modules():
+    """In a fresh interpreter: reloading re-executes the library's modules (here undoing a changed constant);
+    this test process keeps its own module objects untouched."""
+    import subprocess
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "SemiSegExtension")!r})
+import SemiSegSlicerLib
+from SemiSegSlicerLib import jobs, mrml_export
+import semiseg_trainer.protocol
+jobs.JOBS = "changed"
+reloaded = SemiSegSlicerLib.reload_library()
+assert "SemiSegSlicerLib.jobs" in reloaded and "semiseg_trainer.protocol" in reloaded, reloaded
+print(sys.modules["SemiSegSlicerLib.jobs"].JOBS)
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "jobs"
 
 
 def test_windows_processes_start_without_a_console_window(monkeypatch):
