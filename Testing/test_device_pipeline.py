@@ -63,6 +63,63 @@ def test_2d_batched_augmentation_matches_reference_on_same_draws(seed):
     assert len(set(codes.tolist())) > 20  # all three branches exercised
 
 
+def _bar_slice(h=97, w=49):
+    """A non-square label slice: an off-centre bar along the rows and a block (classes 1 and 2)."""
+    yy, xx = np.mgrid[:h, :w]
+    lab = ((np.abs(yy - 40) < 30) & (np.abs(xx - 20) < 6)).astype(np.float32)
+    lab[70:90, 30:44] = 2
+    return lab
+
+
+def test_rotation_of_a_non_square_array_is_scipys():
+    from scipy import ndimage
+    lab = _bar_slice()
+    for a in (-19, 13):
+        ours = rotate_nearest(torch.from_numpy(lab)[None, None], torch.tensor([float(a)]))[0, 0].numpy()
+        assert np.array_equal(ours, ndimage.rotate(lab, a, order=0, reshape=False))
+
+
+def test_2d_rotation_is_made_in_the_slices_native_geometry_as_the_references():
+    """SSL4MIS RandomGenerator rotates the native slice (scipy rotate, order 0, same size) and then zooms it
+    to the training size (order 0). Rotating the zoomed square with the slice's native aspect is that map:
+    on a 97x49 slice zoomed to 64x64, the foreground agrees with the reference's at 0.92-0.94 (two nearest
+    samplings instead of one); rotating the square as if its pixels were square shears it (0.53-0.75)."""
+    from scipy import ndimage
+    from semiseg.data.transforms import zoom_nearest
+    lab, s = _bar_slice(), 64
+    h, w = lab.shape
+    zoomed = zoom_nearest(torch.from_numpy(lab), (s, s))[None, None]
+
+    def agreement(a, b):
+        fg = (a > 0) | (b > 0)
+        return ((a == b) & fg).sum() / fg.sum()
+    for angle in (-19, -8, 13, 19):
+        ref = ndimage.zoom(ndimage.rotate(lab, angle, order=0, reshape=False), (s / h, s / w), order=0)
+        native = rotate_nearest(zoomed, torch.tensor([float(angle)]), torch.tensor([(h - 1) / (w - 1)]))[0, 0]
+        square = rotate_nearest(zoomed, torch.tensor([float(angle)]))[0, 0]
+        assert agreement(ref, native.numpy()) > 0.9 and agreement(ref, square.numpy()) < 0.8, angle
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_2d_store_rotates_each_slice_in_its_native_geometry(seed):
+    """The store records each slice's native aspect; its batched augmentation equals the per-sample
+    reference given the same aspects, draw for draw, and differs from the square rotation."""
+    rng = np.random.default_rng(seed)
+    shapes = [(40, 24, 3), (24, 24, 2), (30, 50, 3)]
+    refs = [_ref(f"s{i}", rng.normal(size=sh).astype(np.float32), (rng.random(sh) * 3).astype(np.uint8))
+            for i, sh in enumerate(shapes)]
+    store = SliceStore(refs, (32, 32), "none", True)
+    assert store.aspect.tolist() == pytest.approx([39 / 23] * 3 + [1.0] * 2 + [29 / 49] * 3)
+    idx = torch.arange(8).repeat(8)
+    g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    bi, bl = store.sample(idx, g1)
+    ri, rl = random_generator_2d(store.images[idx], store.labels[idx], g2, aspect=store.aspect[idx])
+    assert torch.equal(bi, ri) and torch.equal(bl, rl)
+    g3 = torch.Generator().manual_seed(seed)
+    si, _ = random_generator_2d(store.images[idx], store.labels[idx], g3)
+    assert not torch.equal(bi, si)  # some non-square slice was rotated by an angle
+
+
 # ------------------------------------------------------------------ 3D: batched == reference
 def _reference_3d(vols, idx, patch, gen, rot_flip=True):
     imgs, labs = [], []

@@ -95,7 +95,7 @@ class SliceStore:
     (N, 1 + X·Y) tensor on the data device; a batch is one row copy plus one gather (batched RandomGenerator)."""
 
     def __init__(self, refs: list[CaseRef], size: tuple[int, int], normalization: str, with_labels: bool):
-        images, labels = [], []
+        images, labels, aspects = [], [], []
         for ref in refs:
             img = ref.image()
             _check_finite(img.array, ref.name)
@@ -105,6 +105,8 @@ class SliceStore:
                 raise SemiSegError(f"label of '{ref.name}' has shape {lab.shape}, image {arr.shape}")
             if arr.ndim == 2:
                 arr, lab = arr[..., None], (lab[..., None] if lab is not None else None)
+            h, w = arr.shape[:2]
+            aspects += [(h - 1) / (w - 1) if h > 1 and w > 1 else 1.0] * arr.shape[2]
             for z in range(arr.shape[2]):
                 images.append(zoom_nearest(torch.from_numpy(np.ascontiguousarray(arr[:, :, z])), size))
                 if lab is not None:
@@ -112,6 +114,9 @@ class SliceStore:
         if not images:
             raise SemiSegError("no training slices")
         self.size = tuple(size)
+        # each slice's native (H-1)/(W-1): its ±20° rotations are made in its own pixel geometry
+        aspect = torch.tensor(aspects, dtype=torch.float32)
+        self.aspect = aspect if bool((aspect != 1).any()) else None
         # stored as (N, 1 + X·Y) with a zero first column (the rotation's fill value); .images and
         # .labels are (N, 1, X, Y) / (N, X, Y) views of it
         self._flat_images = self._with_zero(torch.stack(images))
@@ -147,6 +152,7 @@ class SliceStore:
         self._flat_labels = self._flat_labels.to(device) if self._flat_labels is not None else None
         self._views()
         self.aug = _aug_2d(self.size, device)
+        self.aspect = self.aspect.to(device) if self.aspect is not None else None
         return self
 
     @property
@@ -180,7 +186,7 @@ class SliceStore:
     def apply(self, idx: torch.Tensor, params: torch.Tensor):
         """Gather the slices and transform them on the data device."""
         return self.aug.apply_indexed(self._flat_images, self._flat_labels, _to(idx, self.device),
-                                      _to(params, self.device))
+                                      _to(params, self.device), self.aspect)
 
     def sample(self, idx: torch.Tensor, gen: torch.Generator):
         return self.apply(idx, self.draw(idx, gen))

@@ -56,10 +56,11 @@ def normalize(image: np.ndarray, mode: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ 2D (ACDC)
 def random_generator_2d(image: torch.Tensor, label: torch.Tensor | None, gen: torch.Generator,
-                        max_angle: int = 20) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        max_angle: int = 20, aspect: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SSL4MIS ``RandomGenerator`` on a batch already at training size (B, 1, X, Y), per sample:
     p=0.5 rot90·k + flip along a random axis; else p=0.5 rotation by an integer angle in
-    [-20, 19] degrees (nearest, same size); else unchanged."""
+    [-20, 19] degrees (nearest, same size); else unchanged. ``aspect`` (B,): each slice's native
+    ``(H-1)/(W-1)``, so the rotation is the reference's, made at native size before the zoom."""
     b = image.shape[0]
     u1 = torch.rand(b, generator=gen)
     u2 = torch.rand(b, generator=gen)
@@ -77,23 +78,32 @@ def random_generator_2d(image: torch.Tensor, label: torch.Tensor | None, gen: to
             rotate.append(i)
     if rotate:
         idx = torch.tensor(rotate)
-        image[idx] = rotate_nearest(image[idx], angle[idx].float())
+        asp = aspect[idx] if aspect is not None else None
+        image[idx] = rotate_nearest(image[idx], angle[idx].float(), asp)
         if label is not None:
-            label[idx] = rotate_nearest(label[idx].unsqueeze(1).float(), angle[idx].float()).squeeze(1).to(label.dtype)
+            label[idx] = rotate_nearest(label[idx].unsqueeze(1).float(), angle[idx].float(), asp).squeeze(1).to(label.dtype)
     return image, label
 
 
-def rotate_nearest(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+def rotate_nearest(x: torch.Tensor, degrees: torch.Tensor, aspect: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate (B, C, X, Y) about the array centre by per-sample angles, nearest, zero fill
-    (scipy.ndimage.rotate(order=0, reshape=False) semantics: pixel centres, same size)."""
+    (scipy.ndimage.rotate(order=0, reshape=False) semantics: pixel centres, same size).
+
+    ``aspect`` (B,): the ``(X-1)/(Y-1)`` of the grid whose pixels the rotation is isotropic in (default:
+    this array's). The references rotate a slice at its native size and then zoom it to the training
+    size; zooming keeps normalised coordinates, so rotating the zoomed slice with its native aspect is the
+    same map (up to nearest sampling), while rotating it as a square would shear a non-square slice."""
     theta = degrees * math.pi / 180
     cos, sin = torch.cos(theta), torch.sin(theta)
     h, w = x.shape[-2:]
+    if aspect is None:
+        aspect = torch.full_like(theta, (h - 1) / (w - 1) if h > 1 and w > 1 else 1.0)
+    aspect = aspect.to(theta)
     # affine_grid works in normalised coordinates; rescale so rotation is isotropic in pixels
     mat = torch.zeros(x.shape[0], 2, 3, dtype=x.dtype, device=x.device)
     mat[:, 0, 0] = cos
-    mat[:, 0, 1] = -sin * (w - 1) / (h - 1) if h > 1 else 0
-    mat[:, 1, 0] = sin * (h - 1) / (w - 1) if w > 1 else 0
+    mat[:, 0, 1] = -sin * aspect  # affine_grid's first output coordinate runs along Y
+    mat[:, 1, 0] = sin / aspect
     mat[:, 1, 1] = cos
     grid = F.affine_grid(mat.to(x.device), list(x.shape), align_corners=True)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=True)
@@ -159,6 +169,7 @@ class BatchedRandomGenerator2D:
             raise ValueError(f"2D training size {tuple(size)} too large for the float32 index maps")
         self.size, self.max_angle = (x, y), max_angle
         idx = (torch.arange(n, dtype=torch.float32) + 1).reshape(x, y)  # 0 = zero fill
+        self.index_map = idx.to(device)
         maps = [idx] + [torch.flip(torch.rot90(idx, k, (0, 1)), (a,)) for k in range(4) for a in range(2)]
         angles = torch.arange(-max_angle, max_angle, dtype=torch.float32)
         rot = rotate_nearest(idx.expand(len(angles), 1, x, y).contiguous(), angles)[:, 0]
@@ -178,10 +189,21 @@ class BatchedRandomGenerator2D:
         return self.apply_indexed(with_zero(image), with_zero(label) if label is not None else None,
                                   torch.arange(b, device=image.device), code.to(self.table.device))
 
-    def apply_indexed(self, images: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor, code: torch.Tensor):
+    def apply_indexed(self, images: torch.Tensor, labels: torch.Tensor | None, idx: torch.Tensor, code: torch.Tensor,
+                      aspect: torch.Tensor | None = None):
         """The same on a store laid out as (N, 1 + X·Y) with a zero in column 0: the slices ``idx`` are
-        copied out (contiguous rows) and transformed with one ``gather`` each."""
+        copied out (contiguous rows) and transformed with one ``gather`` each. ``aspect`` (N,): the slices'
+        native ``(H-1)/(W-1)``; the angle rotations of non-square slices get their own index maps."""
         m = self.table.index_select(0, code)
+        if aspect is not None:
+            asp = aspect.index_select(0, idx)
+            own = ((code >= 9) & (asp != 1)).nonzero()[:, 0]
+            if len(own):
+                angles = (code.index_select(0, own) - 9 - self.max_angle).float()
+                maps = rotate_nearest(self.index_map.expand(len(own), 1, *self.size).contiguous(), angles,
+                                      asp.index_select(0, own))
+                m = m.clone()
+                m[own] = maps.reshape(len(own), -1).round().long()
         b = len(idx)
         out = images.index_select(0, idx).gather(1, m).reshape(b, 1, *self.size)
         lab = labels.index_select(0, idx).gather(1, m).reshape(b, *self.size) if labels is not None else None

@@ -1,4 +1,4 @@
-"""AGP / AIGCMatch: attention-guided perturbation (Cheng et al., arXiv 2410.12419; METHODS.md §1;
+"""AGP / AIGCMatch: attention-guided perturbation (Cheng et al., arXiv 2410.12419;
 ``Boomerangli/AIGC-Match`` ``AIGCmatch.py``, ``model/unet.py``).
 
 UniMatch (``unimatch.py``) with both random perturbations driven by the model's own attention

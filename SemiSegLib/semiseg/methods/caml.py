@@ -1,4 +1,4 @@
-"""CAML: Correlation-Aware Mutual Learning (Gao et al., MICCAI 2023), METHODS.md §3.
+"""CAML: Correlation-Aware Mutual Learning (Gao et al., MICCAI 2023).
 
 Reference: ``Herschel555/CAML`` (``train_caml.py``, ``CAML3d_v1``); the code's behaviour is the default:
 

@@ -1,9 +1,9 @@
-"""FixMatch in UniMatch's medical setting (METHODS.md §6.6): one strong view per unlabeled image with a
+"""FixMatch in UniMatch's medical setting (``LiheYoung/UniMatch`` ``more-scenarios/medical``): one strong view per unlabeled image with a
 CutMix box pasted from a strong view of the mix batch, no feature stream: ``L = ½(L_x + L_s)``.
 
 The shared core is ``parts/weak_strong.py``. The "FixMatch" rows of the UniMatch/AGP tables come from
 UniMatch's ablation setup; this composition (one view, weight 1, τ = 0.95) is inferred from it
-[INF in METHODS.md]. The V-Net (3D) variant is SemiSeg's own extension. Off the ACDC recipe the labeled,
+[inferred from the UniMatch ablations]. The V-Net (3D) variant is SemiSeg's own extension. Off the ACDC recipe the labeled,
 weak and strong images go through one train-mode pass (``joint_forward``, FixMatch's own code): with UniMatch's
 separate strong pass, BatchNorm let FixMatch collapse toward background on the phantom.
 """

@@ -1,4 +1,4 @@
-"""ICL: Inherent Consistent Learning (Zhu et al., MIDL 2023), METHODS.md §2.
+"""ICL: Inherent Consistent Learning (Zhu et al., MIDL 2023).
 
 Reference: ``zhuye98/ICL`` (``train_inherent_consistent_unet_2D.py``, ``networks/unet_icl.py``,
 ``utils/losses.py``); the code's behaviour is the default. Two training-only modules (SSPA and USCL,

@@ -1,4 +1,4 @@
-"""LCC: low-confidence consistency and class separation (Gao & Yu, ISBP 2023), METHODS.md §5.
+"""LCC: low-confidence consistency and class separation (Gao & Yu, ISBP 2023).
 
 RECONSTRUCTED IMPLEMENTATION: no public code exists. Built from the paper's abstract plus SS-Net,
 which the paper reportedly follows; every guessed value is an option ([INF] in the card).

@@ -1,4 +1,4 @@
-"""Mean Teacher (Tarvainen & Valpola 2017) as in SSL4MIS / UA-MT (METHODS.md §6.2).
+"""Mean Teacher (Tarvainen & Valpola 2017) as in SSL4MIS ``code/train_mean_teacher_2D.py``.
 
 ``L = sup(labeled) + λ(t)·mean((softmax s_u − softmax t_u)²)``, the EMA teacher seeing the unlabeled
 batch plus clamped Gaussian noise; λ(t) = weight·sigmoid_rampup(it // 150, R).

@@ -1,4 +1,4 @@
-"""SS-Net: exploring smoothness and class separation (Wu et al., MICCAI 2022), METHODS.md §4.
+"""SS-Net: exploring smoothness and class separation (Wu et al., MICCAI 2022; ``ycwu1997/SS-Net``).
 
 One network, no teacher. ``L = Dice(labeled) + λ(t)·[L_lds + 0.1·(L_sep_l + L_sep_u)]`` with
 ``λ(t) = c·sigmoid_rampup(it // 150, R)``:
@@ -40,7 +40,7 @@ class SSNetSupervisedOptions:
 
 
 def ssnet_supervised_loss(logits: torch.Tensor, label: torch.Tensor, kind: str, dice: str, dim: int) -> torch.Tensor:
-    """The SS-Net lineage's supervised loss (METHODS.md §0.5): ``auto`` Dice is the 2D multi-class form with
+    """The SS-Net lineage's supervised loss: ``auto`` Dice is the 2D multi-class form with
     SS-Net's smoothing 1e-10, or the 3D binary form (1e-8)."""
     form = dice if dice != "auto" else ("multiclass" if dim == 2 else "binary")
     return supervised_loss(logits, label, kind, form, smooth=1e-10 if form == "multiclass" else None)

@@ -1,4 +1,4 @@
-"""Labeled-only baseline (METHODS.md §6.1): the recipe with every unlabeled term switched off."""
+"""Labeled-only baseline (SSL4MIS ``code/train_fully_supervised_2D.py``, UA-MT ``code/train_LA.py``): the recipe with every unlabeled term switched off."""
 from __future__ import annotations
 
 from dataclasses import dataclass

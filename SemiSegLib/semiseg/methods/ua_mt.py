@@ -1,4 +1,4 @@
-"""UA-MT, uncertainty-aware Mean Teacher (Yu et al., MICCAI 2019), METHODS.md §6.3.
+"""UA-MT, uncertainty-aware Mean Teacher (Yu et al., MICCAI 2019; ``yulequan/UA-MT``).
 
 The teacher's epistemic uncertainty from T stochastic passes (dropout on, fresh input noise each;
 the code runs T/2 passes of the doubled batch, SemiSeg all T copies in one pass by default) masks the consistency to voxels with entropy below

@@ -1,4 +1,4 @@
-"""UniMatch (Yang et al., CVPR 2023), medical setting (METHODS.md §6.6; ``LiheYoung/UniMatch``
+"""UniMatch (Yang et al., CVPR 2023), medical setting (``LiheYoung/UniMatch``
 ``more-scenarios/medical/unimatch.py``).
 
 Two strong views of u, each with a CutMix box (p = 0.5) pasted from a strong view of the mix batch u′

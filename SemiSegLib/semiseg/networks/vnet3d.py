@@ -1,4 +1,4 @@
-"""3D V-Net of the UA-MT / SS-Net lineage (about 9.44 M parameters), METHODS.md §0.2.
+"""3D V-Net of the UA-MT / SS-Net lineage (about 9.44 M parameters) (SS-Net ``code/networks/VNet.py``).
 
 Encoder stages of 1, 2, 3, 3, 3 convs (Conv3x3x3-BN-ReLU), strided-conv downsampling, transposed-conv
 upsampling with *additive* skips, decoder stages of 3, 3, 2, 1 convs, 1x1x1 output conv.

@@ -1,4 +1,4 @@
-"""AGP's attention-guided perturbations (METHODS.md §1): parameter-free attention maps, the
+"""AGP's attention-guided perturbations (AIGC-Match ``AIGCmatch.py``): parameter-free attention maps, the
 attention-shaped mix mask (AttCutMix) and the attention-guided feature noise (AttFeaPerb).
 
 Attention / energy of a feature tensor F (B, C, *S): ``A(F) = mean_c F²`` (B, *S).

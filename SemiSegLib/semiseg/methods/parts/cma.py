@@ -1,4 +1,4 @@
-"""CAML's cross-sample mutual attention (CMA) and the auxiliary branch that carries it (METHODS.md §3).
+"""CAML's cross-sample mutual attention (CMA) and the auxiliary branch that carries it (CAML ``code/networks/VNet.py``).
 
 CMA sits after the fourth encoder stage (128 channels; 14×14×10 = 1960 positions for a 112×112×80 V-Net
 input) and is two post-norm ``nn.TransformerEncoderLayer(d, 4 heads, 4d feed-forward, dropout 0.5, ReLU)``:

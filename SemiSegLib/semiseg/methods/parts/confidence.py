@@ -1,4 +1,4 @@
-"""Low-confidence pixel masks and the masked consistency of LCC (METHODS.md §5, a reconstruction).
+"""Low-confidence pixel masks and the masked consistency of LCC (a reconstruction from the abstract).
 
 ``confidence_mask``: 1 where the (teacher's) maximum class probability is strictly below τ, so a
 pixel at or above the threshold is excluded. ``entropy_mask``: 1 where the predictive entropy is at
@@ -32,7 +32,7 @@ def entropy_mask(probs: torch.Tensor, threshold: float) -> torch.Tensor:
 def low_confidence_consistency(student_probs: torch.Tensor, teacher_probs: torch.Tensor,
                                mask: torch.Tensor) -> torch.Tensor:
     """``Σ L·‖p_s − p_t‖² / (C·Σ L + 1e-8)`` over (B, C, *S) probabilities, mask (B, 1, *S) broadcast over
-    channels, teacher detached (the normalisation mirrors UA-MT's masked MSE; METHODS.md §5 [INF]).
+    channels, teacher detached (the normalisation mirrors UA-MT's masked MSE; inferred).
     Pixels with L = 0 get exactly zero gradient."""
     num_classes = student_probs.shape[1]
     dist = (student_probs - teacher_probs.detach()) ** 2

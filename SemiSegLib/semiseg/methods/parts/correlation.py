@@ -1,4 +1,4 @@
-"""CAML's labeled-voxel memory bank and omni-correlation consistency (OCC), METHODS.md §3.
+"""CAML's labeled-voxel memory bank and omni-correlation consistency (OCC) (CAML).
 
 Semantics follow the reference (``utils/feature_memory.py``, ``utils/correlation.py``), with the bank on
 the training device instead of host numpy arrays (no host round trips; same content and sampling rule).

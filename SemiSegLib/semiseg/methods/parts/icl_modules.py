@@ -1,4 +1,4 @@
-"""ICL's SSPA / USCL modules (METHODS.md §2; reference ``networks/unet_icl.py``, ``InherentConsistent``).
+"""ICL's SSPA / USCL modules (reference ``zhuye98/ICL`` ``code/networks/unet_icl.py``, ``InherentConsistent``).
 
 One :class:`SemanticProxyModule` is one instance (SSPA or USCL). Per decoder scale s (d = 128/64/32,
 heads = 8/4/2 for the UNet's F1/F2/F3):
@@ -182,7 +182,7 @@ def token_counts_for(size: tuple[int, int]) -> tuple[int, int, int]:
 
 def expected_parameters(num_classes: int, token_counts: tuple[int, ...] | None,
                         channels: tuple[int, ...] = ICL_CHANNELS, heads: tuple[int, ...] = ICL_HEADS) -> int:
-    """Closed form of one module's parameter count (METHODS.md §2 size warning), exact variant when
+    """Closed form of one module's parameter count (its size), exact variant when
     ``token_counts`` is given: per scale 13.5d² + 18.5d + h² + 14h + 1 (+ 2N² + 4N for the token MLP and
     its LayerNorm), plus the C×d₀ query; light variant: + 9h + h + h² + h per scale instead."""
     total = num_classes * channels[0]

@@ -1,4 +1,4 @@
-"""SS-Net's inter-class separation (METHODS.md §4, from SemiSeg-Contrastive by Alonso et al.): the
+"""SS-Net's inter-class separation (SS-Net ``code/utils/feature_memory.py``, from SemiSeg-Contrastive by Alonso et al.): the
 projection / prediction / selector heads, the per-class feature memory and the separation loss.
 Shared by ``ss_net`` and ``lcc``.
 

@@ -1,4 +1,4 @@
-"""Sharpening and the MC-Net-style mutual consistency of CAML (METHODS.md §3)."""
+"""Sharpening and the MC-Net-style mutual consistency of CAML (``Herschel555/CAML`` ``code/train_caml.py``)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""UniMatch's strong augmentation of unlabeled images, on tensors (METHODS.md §0.6), batched so it runs
+"""UniMatch's strong augmentation of unlabeled images, on tensors (UniMatch ``more-scenarios/medical/dataset``), batched so it runs
 on the training device.
 
 The reference (UniMatch ``more-scenarios/medical/dataset``) works per sample on PIL images:

@@ -1,5 +1,5 @@
 """Virtual adversarial training (Miyato et al.) as SS-Net's pixel-level smoothness term ``L_lds``
-(METHODS.md §4, SS-Net ``utils/losses.py`` VAT2d / VAT3d).
+(SS-Net ``code/utils/losses.py`` VAT2d / VAT3d).
 
 1. target ``p = softmax(f(x))`` under no_grad, in whatever mode the network is in (train mode in the
    training loop, so dropout is on, as in the code);

@@ -1,4 +1,4 @@
-"""The weak-to-strong consistency core shared by FixMatch, UniMatch and AGP (METHODS.md §1, §6.6).
+"""The weak-to-strong consistency core shared by FixMatch, UniMatch and AGP (UniMatch ``unimatch.py``, AIGC-Match ``AIGCmatch.py``).
 
 One network is its own teacher (no EMA). Per step, with a labeled batch (x, y), an unlabeled batch
 u and an independent unlabeled "mix" batch u′ (``extra_unlabeled_streams = 1``), all already through
