@@ -43,9 +43,9 @@ def test_a_default_that_changes_without_its_declaration_fails(monkeypatch):
 
 
 def test_declared_default_must_match_the_resolved_one(monkeypatch):
-    ua = get_method("ua_mt")
-    monkeypatch.setitem(ua.option_presets, "la", dict(ua.option_presets["la"], mc_copies_per_pass=4))
-    assert undeclared("ua_mt") == ["ua_mt la:mc_copies_per_pass: declared default 0, resolved 4"]
+    ss = get_method("ss_net")
+    monkeypatch.setitem(ss.recipe, "la", dict(ss.recipe["la"], val_every=100))
+    assert undeclared("ss_net") == ["ss_net la:val_every: declared default 0, resolved 100"]
 
 
 def test_readme_section_is_the_generated_table():

@@ -1,7 +1,8 @@
 """UA-MT, uncertainty-aware Mean Teacher (Yu et al., MICCAI 2019; ``yulequan/UA-MT``).
 
-The teacher's epistemic uncertainty from T stochastic passes (dropout on, fresh input noise each;
-the code runs T/2 passes of the doubled batch, SemiSeg all T copies in one pass by default) masks the consistency to voxels with entropy below
+The teacher's epistemic uncertainty from T stochastic passes (dropout on, fresh input noise each,
+run as T/2 passes of the doubled batch as in the code; ``mc_copies_per_pass 0``: all T in one pass)
+masks the consistency to voxels with entropy below
 ``H(t) = (0.75 + 0.25·sigmoid_rampup(it, max_it))·ln 2``; consistency = Σ m·(s − t)² / (2·Σ m + 1e-16).
 The ln 2 and the "2" are kept for every class count, as in the code.
 """
@@ -26,10 +27,11 @@ class Options(MTOptions):
                 "sibling in SSL4MIS 2D waits 1000)"})
     mc_passes: int = field(default=8, metadata={"help": "T, stochastic teacher passes for the uncertainty (even)"})
     threshold_base: float = field(default=0.75, metadata={"help": "uncertainty threshold start, as a fraction of ln 2"})
-    mc_copies_per_pass: int = field(default=0, metadata={
-        "help": "unlabeled-batch copies per teacher forward: 0 = all T in one forward (ours: one large pass, same "
-                "dropout and noise draws per copy; BatchNorm's batch statistics pool T noisy copies instead of 2), "
-                "2 = the code's T/2 passes of the doubled batch"})
+    mc_copies_per_pass: int = field(default=2, metadata={
+        "help": "unlabeled-batch copies per teacher forward: 2 = the code's T/2 passes of the doubled batch; 0 = all "
+                "T in one forward (ours: same dropout and noise draws per copy, BatchNorm's batch statistics pool T "
+                "noisy copies instead of 2; ACDC 12+12 on one CPU thread: 3-20 percent less CPU time per iteration, "
+                "1.6-2 GB more peak memory)"})
 
 
 def uncertainty_threshold(step: int, iterations: int, base: float = 0.75) -> float:
@@ -59,9 +61,7 @@ REFERENCE = Reference(
           "acdc": {"iterations": 30000, "rampup_iterations": 30000, "labeled_batch": 12, "unlabeled_batch": 12},
           "la": {"iterations": 6000, "rampup_iterations": 6000, "lr_schedule": "step", "consistency_delay": 0,
                  "labeled_batch": 2, "unlabeled_batch": 2, "mc_copies_per_pass": 2}},
-    protocol={"acdc": ACDC_VAL, "la": LA_FINAL},
-    differs={"mc_copies_per_pass": Differs(0, "speed: all T noisy copies in one teacher forward; BatchNorm's batch "
-                                              "statistics then pool T copies instead of 2")})
+    protocol={"acdc": ACDC_VAL, "la": LA_FINAL})
 
 
 @register_method("ua_mt")
