@@ -7,17 +7,35 @@ speed benchmark (``semiseg bench``), each run of the benchmark grid and ``semise
 Layers of the configuration (lowest first, see :func:`semiseg.config.resolve_config`): field defaults <
 dataset preset < the method's recipe < the plan (users' own scans, :mod:`semiseg.planning`) < config file <
 command line / job / grid.
+
+What :func:`prepare_run` guarantees before anything is trained or written:
+
+- one process owns a run folder (:mod:`semiseg.runlock`): a second one stops with one line naming the
+  owner's pid and host; the lock of a process that is gone is taken over;
+- ``resume``: the run's own ``config.json`` is the configuration; what is given besides must agree with
+  it (:data:`RESUME_MAY_CHANGE`: the device, thread count, end of the run, ... may change), else one
+  error line;
+- images a run cannot train on (colour/vector images, a 2D image among volumes) stop with one line
+  naming the file; data warnings (a class found in one labeled case only) go to ``on_warning``.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
+from . import runlock
 from .config import TrainConfig, matched_supervised, resolve_config
-from .data.datasets import DataSplits, load_dataset
+from .data.datasets import DataSplits, check_images, load_dataset
+from .errors import SemiSegError
 from .planning import Plan, apply_plan, existing_plan, fingerprint_splits, make_plan, plan_applies, plan_overrides
 
-__all__ = ["load_run_data", "prepare_run", "run_config"]
+__all__ = ["RESUME_MAY_CHANGE", "load_run_data", "prepare_run", "resumed_explicit", "run_config"]
+
+# what a resumed run may be given anew: how it is executed (device, threads, logging, ...), and where it
+# ends (iterations, time budget: the schedules follow the new end) and how often it validates
+RESUME_MAY_CHANGE = ("device", "threads", "log_every", "checkpoint_every", "prefetch", "data_on_device",
+                     "cache_dir", "compile", "iterations", "time_budget", "val_every")
 
 
 def load_run_data(cfg: TrainConfig, dim: int | None = None) -> DataSplits:
@@ -30,6 +48,7 @@ def load_run_data(cfg: TrainConfig, dim: int | None = None) -> DataSplits:
 def prepare_run(explicit: dict, file_values: dict | None = None, out_dir: str | Path | None = None, *,
                 resume: bool = False, data: DataSplits | None = None, baseline: bool = False,
                 on_plan: Callable[[Plan], None] | None = None, on_recipe: Callable[[str], None] | None = None,
+                on_warning: Callable[[str], None] | None = None,
                 write_plan: bool = True) -> tuple[TrainConfig, DataSplits, Plan | None]:
     """Resolve the configuration, load the data and plan it when planning applies.
 
@@ -37,18 +56,36 @@ def prepare_run(explicit: dict, file_values: dict | None = None, out_dir: str | 
     ``data``: splits already built by the caller (the Slicer job's case list, or the cases ``semiseg bench``
     loaded once for several methods) instead of loading ``cfg.data``. ``baseline``: the method's matched
     supervised baseline (:func:`semiseg.config.matched_supervised`). The plan is written to
-    ``OUT/plan.json`` (unless ``write_plan`` is false); a resumed run reuses it. ``on_plan`` is called with
-    the plan once it is final. Under a short ``time_budget`` on a CPU the training size, batch and validation
-    cadence come from :func:`semiseg.planning.budget_recipe.short_budget_recipe` (a layer above the plan, under
-    the config file and the command line); ``on_recipe`` is called with its description.
+    ``OUT/plan.json`` (unless ``write_plan`` is false: the other ranks of a torchrun job, which neither lock
+    nor write the folder); a resumed run reuses it. ``on_plan`` is called with the plan once it is final,
+    ``on_warning`` with each data warning (one line). Under a short ``time_budget`` on a CPU the training
+    size, batch and validation cadence come from :func:`semiseg.planning.budget_recipe.short_budget_recipe`
+    (a layer above the plan, under the config file and the command line); ``on_recipe`` is called with its
+    description.
     """
     file_values = file_values or {}
+    locked = bool(out_dir) and write_plan
+    if locked:
+        runlock.acquire(out_dir)
+    try:
+        if resume and out_dir:
+            explicit, file_values = resumed_explicit(explicit, file_values, out_dir), {}
+        return _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on_recipe, on_warning,
+                        write_plan)
+    except BaseException:
+        if locked:
+            runlock.release(out_dir)
+        raise
+
+
+def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on_recipe, on_warning, write_plan):
     cfg = resolve_config(explicit, file_values)
     plan = None
     if plan_applies(cfg):
         given = {**file_values, **explicit}
         if data is None:  # a folder/CSV is read before the plan decides its dimension
             data = load_run_data(cfg, given.get("dim") or None)
+        _check(data, on_warning)
         saved = Path(out_dir) / "plan.json" if out_dir and write_plan else None
         plan = existing_plan(cfg, saved if resume else None)
         if plan is None:
@@ -65,8 +102,10 @@ def prepare_run(explicit: dict, file_values: dict | None = None, out_dir: str | 
             plan.save(saved)
         if on_plan:
             on_plan(plan)
-    elif data is None:
-        data = load_run_data(cfg)
+    else:
+        if data is None:
+            data = load_run_data(cfg)
+        _check(data, on_warning)
     recipe = budget_recipe(cfg)
     if recipe is not None:
         cfg = resolve_config(explicit, file_values, {**(plan.config_values() if plan else {}), **recipe.config_values()})
@@ -92,6 +131,44 @@ def budget_recipe(cfg: TrainConfig):
     return short_budget_recipe(parse_duration(cfg.time_budget), machine, cfg.dim, tuple(cfg.patch_size),
                                cfg.labeled_batch, cfg.unlabeled_batch, cfg.iterations, cfg.val_every,
                                get_method(cfg.method).step_cost)
+
+
+def _check(data: DataSplits, on_warning: Callable[[str], None] | None) -> None:
+    check_images(data)
+    for w in data.warnings:
+        if on_warning:
+            on_warning(w)
+
+
+def _jsonable(v):
+    return json.loads(json.dumps(v))
+
+
+def resumed_explicit(explicit: dict, file_values: dict | None, out_dir: str | Path) -> dict:
+    """The explicit layer of a resumed run: its ``config.json`` with what is given now laid over it. A given
+    value that changes the resolved configuration (other than :data:`RESUME_MAY_CHANGE`) is one error line;
+    without ``config.json`` (nothing to resume) the given layers are returned unchanged."""
+    given = {**(file_values or {}), **explicit}
+    path = Path(out_dir) / "config.json"
+    if not path.is_file():
+        return given
+    try:
+        saved = json.loads(path.read_text())
+        TrainConfig.from_dict(saved)
+    except (ValueError, TypeError) as e:
+        raise SemiSegError(f"--resume: cannot read {path}: {e}") from None
+    merged = {**saved, **{k: v for k, v in given.items() if k != "method_options"}}
+    merged["method_options"] = {**(saved.get("method_options") or {}), **(given.get("method_options") or {})}
+    want = _jsonable(resolve_config(merged).to_dict())
+    have = _jsonable(saved)
+    if have.get("selection") == "final" and want.get("selection") == "val":
+        want["selection"] = "final"  # the loop fell back to the final model (no validation cases)
+    diff = [k for k in want if k not in RESUME_MAY_CHANGE and want[k] != have.get(k)]
+    if diff:
+        shown = "; ".join(f"{k} {have.get(k)} in the run, {want[k]} given" for k in diff[:4])
+        raise SemiSegError(f"--resume: {path.parent} was trained with other settings ({shown}); resume without "
+                           "them (the run's config.json is used) or train into another --out")
+    return merged
 
 
 def run_config(explicit: dict, out_dir: str | Path) -> TrainConfig:

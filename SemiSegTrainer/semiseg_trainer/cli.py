@@ -57,6 +57,15 @@ def build_train_config(ns: argparse.Namespace):
     return resolve_config(split_args(ns), file_values)
 
 
+def _warner(reporter):
+    """One ``semiseg: warning: ...`` line on stderr per data warning (and a log event for JSON readers)."""
+    def warn(message: str) -> None:
+        print(f"semiseg: warning: {message}", file=sys.stderr, flush=True)
+        if reporter.json:
+            reporter({"event": "log", "level": "warning", "message": message})
+    return warn
+
+
 def _report_plan(reporter, plan, path=None) -> None:
     if reporter.json:
         reporter({"event": "plan", "plan": plan.to_dict(), "text": plan.describe(), "path": str(path or "")})
@@ -81,7 +90,7 @@ def cmd_train(ns, reporter) -> int:
     # under torchrun only rank 0 writes OUT/plan.json and reports (the plan is deterministic on every rank)
     rank0 = int(os.environ.get("RANK", "0") or 0) == 0
     cfg, data, _ = prepare_run(split_args(ns), file_values, out, resume=ns.resume, baseline=ns.baseline,
-                               write_plan=rank0,
+                               write_plan=rank0, on_warning=_warner(reporter) if rank0 else None,
                                on_plan=(lambda p: _report_plan(reporter, p, out / "plan.json")) if rank0 else None,
                                on_recipe=(lambda text: _report_recipe(reporter, text)) if rank0 else None)
     stop = StopFlag(out)
@@ -116,10 +125,13 @@ def format_table(s: dict) -> str:
 # ------------------------------------------------------------------------------------------ plan
 def cmd_plan(ns, reporter) -> int:
     """Fingerprint a dataset, print its plan in one block and write it as JSON (optionally preprocess)."""
-    from semiseg.data.datasets import load_dataset
+    from semiseg.data.datasets import check_images, load_dataset
     from semiseg.planning import fingerprint_splits, make_plan, plan_overrides, preprocess_all
     given = {k: v for k, v in split_args(ns).items() if v not in (0, "", "auto", ())}
     data = load_dataset(ns.data, given.get("labeled"), None, None, given.get("dim"), class_map=given.get("class_map", ""))
+    check_images(data)
+    for w in data.warnings:
+        _warner(reporter)(w)
     fp = fingerprint_splits(data, ns.data)
     plan = make_plan(fp, given.get("device", "auto"), given.get("memory_budget_gb", 0.0), plan_overrides(given))
     out = Path(ns.out)
@@ -197,7 +209,7 @@ def cmd_demo(ns, reporter) -> int:
     explicit = {"data": "phantom", "method": ns.method, "device": ns.device}
     if ns.iterations:
         explicit["iterations"] = ns.iterations
-    cfg, data, _ = prepare_run(explicit)
+    cfg, data, _ = prepare_run(explicit, out_dir=out / "run", resume=ns.resume, on_warning=_warner(reporter))
     print(f"SemiSeg demo: {cfg.method} on the built-in phantom ({data.summary()}), {cfg.iterations} iterations")
     summary = Trainer(cfg, out / "run", data=data, on_event=reporter, should_stop=StopFlag(out / "run")).run(resume=ns.resume)
     # held-out phantom volumes written as files, segmented through the same path a user's scans take
@@ -285,7 +297,8 @@ def cmd_run(ns, reporter) -> int:
 
             cfg, data, _ = prepare_run(explicit, None, job / "run", resume=resume, data=data, on_plan=on_plan,
                                        on_recipe=lambda text: pending.append({"event": "log", "level": "info",
-                                                                              "message": text}))
+                                                                              "message": text}),
+                                       on_warning=lambda m: tee({"event": "log", "level": "warning", "message": m}))
             Trainer(cfg, job / "run", data=data, on_event=on_event,
                     should_stop=StopFlag(job)).run(resume=resume)
             return protocol.EXIT_OK
@@ -456,7 +469,7 @@ def cmd_bench(ns, reporter) -> int:
         if raw is None:  # the same cases for every method: loaded once
             raw = load_run_data(resolve_config(explicit), explicit.get("dim") or None)
         # users' folders are planned as `semiseg train` plans them (no plan.json written)
-        cfg, data, _ = prepare_run(explicit, data=raw)
+        cfg, data, _ = prepare_run(explicit, data=raw, on_warning=_warner(reporter))
         if not reporter.json:
             print(f"bench {m}: {ns.warmup} warm-up + {ns.bench_iterations} measured iterations ...", flush=True)
         rows.append(bench_method(cfg, ns.warmup, ns.bench_iterations, ns.inference_volumes, ns.offset, data=data,

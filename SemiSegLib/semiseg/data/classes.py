@@ -14,7 +14,7 @@ from .io import _check_readable, _describe_classes, default_color, read_labelmap
 from .segfile import is_segmentation_file, normalize_class_name, read_segment_classes, read_segmentation
 from .volume import ClassInfo, Volume
 
-__all__ = ["label_file_classes", "match_label_classes", "normalize_class_name", "parse_class_map", "read_label"]
+__all__ = ["class_coverage_warning", "label_file_classes", "match_label_classes", "normalize_class_name", "parse_class_map", "read_label"]
 
 _DROP = ("background", "0")  # class_map targets that remove a source (its voxels become background)
 
@@ -205,3 +205,20 @@ def match_label_classes(files, class_map=None) -> tuple[list[ClassInfo], dict[st
                                        f"none of the values of {ref_path} ({_describe_classes(ref[2])}){hint}")
         mappings[path] = mapping
     return classes, mappings
+
+
+def class_coverage_warning(classes: Sequence[ClassInfo], mappings: dict[str, dict]) -> str | None:
+    """One warning line when a class is found in a single label file of several (e.g. 255 in one file where
+    the others use 1, which makes 255 a class of its own), with every class's coverage; None otherwise.
+    ``mappings``: {label file: {source: class value}} as :func:`match_label_classes` returns them."""
+    n = len(mappings)
+    if n < 2:
+        return None
+    files_of = {c.value: [p for p, m in mappings.items() if c.value in set(m.values())] for c in classes}
+    lonely = [c for c in classes if len(files_of[c.value]) == 1]
+    if not lonely:
+        return None
+    where = "; ".join(f"'{c.name}' only in {os.path.basename(files_of[c.value][0])}" for c in lonely)
+    coverage = ", ".join(f"{c.name}: {len(files_of[c.value])} of {n}" for c in classes)
+    return (f"{len(lonely)} class(es) found in 1 of {n} labeled cases ({where}): is one structure labeled with "
+            f"different values in different files? (--class-map merges them) Classes present per case: {coverage}")

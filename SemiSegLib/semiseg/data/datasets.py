@@ -63,6 +63,7 @@ class DataSplits:
     normalization: str = "none"    # applied to every image before training and inference
     description: str = ""
     plan: dict | None = None       # the preprocessing plan the cases went through (semiseg.planning), if any
+    warnings: list[str] = field(default_factory=list)  # one line each, shown before training (e.g. class coverage)
 
     def summary(self) -> str:
         return (f"{self.kind}: {len(self.labeled)} labeled, {len(self.unlabeled)} unlabeled, "
@@ -273,6 +274,31 @@ def _file_refs(image: Path, label: Path | None, classes_holder: dict) -> CaseRef
                    tuple(str(p) for p in (image, label) if p is not None), label_key)
 
 
+def check_images(data: DataSplits) -> None:
+    """Refuse, in one line naming the file, images a run cannot train on as they are: several components
+    per voxel (a colour or vector image), or a 2D image among 3D volumes (or a volume among 2D images).
+    Reads the image headers only; data that is not read from image files is not checked."""
+    from .io import read_image_header
+    flat, volumes = [], []
+    for ref in data.labeled + data.unlabeled + data.val + data.test:
+        if not ref.sources or ref.sources[0].lower().endswith(".h5"):
+            continue
+        path = ref.sources[0]
+        size, _, _, components = read_image_header(path)
+        if components != 1:
+            raise SemiSegError(f"image {path} has {components} components per voxel (a colour or vector image); "
+                               "SemiSeg trains on grey-level images: convert it to one component or leave it out")
+        (flat if size[2] == 1 else volumes).append((path, size))
+    if flat and volumes:
+        if len(flat) <= len(volumes):
+            (path, size), other = flat[0], volumes[0][0]
+            raise SemiSegError(f"image {path} is a 2D image ({size[0]}x{size[1]}) but the other images are 3D "
+                               f"volumes (e.g. {other}): leave it out or convert it to a volume")
+        (path, size), other = volumes[0], flat[0][0]
+        raise SemiSegError(f"image {path} is a 3D volume ({size[0]}x{size[1]}x{size[2]}) but the other images are "
+                           f"2D (e.g. {other}): leave it out or give its slices as 2D images")
+
+
 def load_case_list(cases: list[dict], classes: list[dict], base: Path, dim: int, source: str | Path) -> DataSplits:
     """Splits from an explicit case list with a fixed class table (the Slicer job's ``dataset``; no class
     inference from files). A case is ``{name, image, label?, split?}`` with paths relative to ``base``;
@@ -310,7 +336,7 @@ def load_files(spec: str, labeled: int | None, dim: int, class_map="") -> DataSp
     """A folder (``X.nrrd`` + ``X.seg.nrrd``/``X.label.nrrd``/``X_label.nii.gz``; unpaired images are unlabeled)
     or a CSV with columns image,label[,split]. Classes are matched across all label files (segment names,
     labelmap values) with :func:`semiseg.data.classes.match_label_classes`; ``class_map`` renames sources."""
-    from .classes import match_label_classes
+    from .classes import class_coverage_warning, match_label_classes
 
     path = Path(spec)
     rows: list[tuple[Path, Path | None, str]] = []
@@ -352,6 +378,7 @@ def load_files(spec: str, labeled: int | None, dim: int, class_map="") -> DataSp
     label_files = [l for _, l, _ in train_lab] + [l for _, l, s in rows if l is not None and s != "train"]
     classes, holder["mappings"] = match_label_classes([str(l) for l in label_files], class_map)
     holder["classes"] = classes
+    coverage = class_coverage_warning(classes, holder["mappings"])
     if not classes:
         raise SemiSegError(f"no class in the label files of {spec} (every label file is empty)")
     extra_val = train_lab[n:]  # labeled cases beyond --labeled validate the model instead of idling
@@ -362,7 +389,7 @@ def load_files(spec: str, labeled: int | None, dim: int, class_map="") -> DataSp
         val=[_file_refs(i, l, holder) for i, l, _ in extra_val] +
             [_file_refs(i, l, holder) for i, l, s in rows if s == "val" and l is not None],
         test=[_file_refs(i, l, holder) for i, l, s in rows if s == "test" and l is not None],
-        normalization="zscore", description=f"{spec}: {n} labeled")
+        normalization="zscore", description=f"{spec}: {n} labeled", warnings=[coverage] if coverage else [])
 
 
 def load_dataset(spec: str, labeled: int | None = None, val_split: str | None = None,

@@ -24,7 +24,7 @@ from ..errors import SemiSegError
 from .volume import ClassInfo, Geometry, Volume
 
 __all__ = [
-    "DEFAULT_PALETTE", "default_color", "read_volume", "read_volume_header", "read_labelmap", "check_same_grid",
+    "DEFAULT_PALETTE", "default_color", "read_volume", "read_image_header", "read_volume_header", "read_labelmap", "check_same_grid",
     "write_volume", "write_labelmap",
 ]
 
@@ -107,6 +107,8 @@ def _read_sitk(path: str, what: str):
     """(image, array in (x, y, z)) of a 2D/3D scalar or vector image; SemiSegError on failure."""
     path = os.fspath(path)
     _check_readable(path, what)
+    if path.lower().endswith(".gz"):
+        _check_gzip(path, what)
     sitk = _sitk()
     try:
         img = sitk.ReadImage(path)
@@ -123,6 +125,19 @@ def _read_sitk(path: str, what: str):
     if dim == 2:
         arr = arr[:, :, None] if ncomp == 1 else arr[:, :, None, :]
     return img, arr
+
+
+def _check_gzip(path: str, what: str) -> None:
+    """A gzip file (``.nii.gz``) must decompress to its end with a matching checksum: ITK's NIfTI reader
+    fills the voxels a truncated file lacks with zeros and reports nothing."""
+    import gzip
+    import zlib
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise SemiSegError(f"cannot read {what} {path}: damaged gzip data ({_short_reason(exc)})") from None
 
 
 def _stem(path: str) -> str:
@@ -200,9 +215,10 @@ def read_volume(path) -> Volume:
     return Volume(arr.astype(np.float32, copy=False), _geometry_from_sitk(img), _stem(path))
 
 
-def read_volume_header(path) -> tuple[tuple[int, int, int], Geometry]:
-    """The (x, y, z) size and geometry :func:`read_volume` would give, from the header alone (no voxel
-    data is read: planning looks at every unlabeled scan's grid but at none of its intensities)."""
+def read_image_header(path) -> tuple[tuple[int, int, int], Geometry, int, int]:
+    """``(size, geometry, dimension, components)`` of an image from its header alone (no voxel data is
+    read): the (x, y, z) size and geometry :func:`read_volume` would give (a 2D image has z size 1), the
+    file's own dimension (2 or 3) and its components per voxel (1 for a grey-level image)."""
     path = os.fspath(path)
     _check_readable(path, "image")
     reader = _sitk().ImageFileReader()
@@ -215,7 +231,14 @@ def read_volume_header(path) -> tuple[tuple[int, int, int], Geometry]:
     if dim not in (2, 3):
         raise SemiSegError(f"cannot read image {path}: it has {dim} dimensions, expected a 2D or 3D image")
     size = tuple(int(n) for n in reader.GetSize()) + ((1,) if dim == 2 else ())
-    return size, _geometry_from_sitk(reader)
+    return size, _geometry_from_sitk(reader), dim, int(reader.GetNumberOfComponents())
+
+
+def read_volume_header(path) -> tuple[tuple[int, int, int], Geometry]:
+    """The (x, y, z) size and geometry :func:`read_volume` would give (planning looks at every unlabeled
+    scan's grid but at none of its intensities)."""
+    size, geometry, _, _ = read_image_header(path)
+    return size, geometry
 
 
 def write_volume(path, volume: Volume) -> None:

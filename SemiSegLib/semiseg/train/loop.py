@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .. import runlock
 from ..atomic import atomic_write
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import TrainConfig
@@ -265,10 +266,12 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        """Release what ``setup`` started: the batch source's prefetch thread and the process group."""
+        """Release what ``setup`` started (the batch source's prefetch thread, the process group) and the run
+        folder's lock taken by :func:`semiseg.run.prepare_run`."""
         if getattr(self, "source", None) is not None:
             self.source.close()
         D.teardown(self.dist)
+        runlock.release(self.out)
 
     def _run(self, resume: bool) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
