@@ -1,4 +1,5 @@
-"""CAML and ICL (METHODS.md §2-3): CMA, the memory bank and omni-correlation consistency, sharpening and
+"""CAML (Gao et al., MICCAI 2023, github.com/Herschel555/CAML) and ICL (Zhu et al., MIDL 2023,
+github.com/zhuye98/ICL): CMA, the memory bank and omni-correlation consistency, sharpening and
 mutual consistency, the ICL modules' exact reshapes, sizes and losses, checked against definitions and
 hand computations; phantom training against the supervised baseline (slow)."""
 import math
@@ -308,7 +309,8 @@ def test_caml_3d_on_phantom_volumes_end_to_end(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ ICL
 def card_parameters(num_classes, size):
-    """METHODS.md §2, layer by layer, for one SSPA/USCL module of the exact variant."""
+    """ICL's ``networks/unet_icl.py`` (github.com/zhuye98/ICL), layer by layer, for one SSPA/USCL module of the
+    exact variant."""
     total = num_classes * 128  # Q0
     for d, h, n in zip((128, 64, 32), (8, 4, 2), token_counts_for(size)):
         total += d * d + d          # tokenizing 1x1 conv
@@ -415,12 +417,12 @@ def test_icl_loss_terms_match_hand_computations():
     assert soft_dice(tgt, tgt).item() == pytest.approx(0.0, abs=1e-6)  # identical maps; an empty class gives s/s
 
 
-def make_icl(name="icl", size=(32, 32), **opts):
+def make_icl(name="icl", size=(32, 32), batches=(0, 0), **opts):
     torch.manual_seed(0)
     cls = get_method(name)
     net = build_network("unet", num_classes=4)
     return cls(net, cls.Options(train_size=size if name == "icl" else (), drop_path=0.0, **opts),
-               MethodContext(2, 4, 100, "phantom"))
+               MethodContext(2, 4, 100, "phantom", labeled_batch=batches[0], unlabeled_batch=batches[1]))
 
 
 def test_icl_total_loss_is_the_weighted_sum_of_its_terms():
@@ -444,7 +446,7 @@ def test_icl_total_loss_is_the_weighted_sum_of_its_terms():
 
 
 def test_icl_memory_estimate_and_clear_error(monkeypatch):
-    m = make_icl(run={"labeled_batch": 2, "unlabeled_batch": 2})
+    m = make_icl(batches=(2, 2))
     logs = []
     m.on_start(logs.append)
     assert "estimated fp32 training memory at 32x32, batch 2+2" in logs[0]

@@ -136,3 +136,19 @@ def test_train_baseline_flag_trains_the_matched_supervised_run(tmp_path):
     assert cfg["method_options"] == {"sup_loss": "half_ce_dice", "dice": "auto"}
     ck = load_checkpoint(out / "best.pt")
     assert ck["network"]["upsampling"] == "transpose" and ck["meta"]["resize"] == "bilinear"
+
+
+def test_largest_component_option_and_its_lcc_alias():
+    """--largest-component (train, segment, evaluate) sets the largest-connected-component post-processing;
+    --lcc is the same option under its old name; neither selects the lcc method."""
+    from semiseg_trainer.cli import build_parser
+    from semiseg_trainer.options import split_args
+    parser = build_parser("mean_teacher")
+    for flag, value in (("--largest-component", True), ("--lcc", True), ("--no-largest-component", False)):
+        train = parser.parse_args(["train", "--out", "o", flag])
+        assert split_args(train) == {"lcc": value} and resolve_config(split_args(train)).method == "mean_teacher"
+        seg = parser.parse_args(["segment", "--model", "m", "--input", "x", "--out", "o", flag])
+        ev = parser.parse_args(["evaluate", "--model", "m", "--data", "phantom", flag])
+        assert seg.lcc is value and ev.lcc is value
+    assert parser.parse_args(["segment", "--model", "m", "--input", "x", "--out", "o"]).lcc is None  # as trained
+

@@ -1,4 +1,5 @@
-"""Mean Teacher and UA-MT losses recomputed by hand from their definitions (METHODS.md §6.2-6.3)."""
+"""Mean Teacher and UA-MT losses recomputed by hand from their definitions (Mean Teacher: Tarvainen & Valpola 2017;
+UA-MT: Yu et al. 2019, github.com/yulequan/UA-MT)."""
 import copy
 import math
 

@@ -1,4 +1,5 @@
-"""FixMatch / UniMatch / AGP (METHODS.md §1, §6.6): attention maps, masks and mixes against hand
+"""FixMatch / UniMatch (github.com/LiheYoung/UniMatch, ``more-scenarios/medical``) / AGP
+(github.com/Boomerangli/AIGC-Match): attention maps, masks and mixes against hand
 computations, the feature-noise schedule measured, the confidence mask's exact zeros, the tensor strong
 augmentation against PIL's integer arithmetic, the recipe, and (slow) training against supervised."""
 import math
@@ -328,35 +329,10 @@ def test_agp_trains_and_saves_a_plain_bilinear_unet_with_bilinear_inference(tmp_
 
 
 # ------------------------------------------------------------------------------------ against supervised
-# Protocol and matched baseline: Testing/phantom_comparison.py (the earlier version of this test compared
-# against the default `supervised` recipe, whose nearest-neighbour inference resize alone cost it 3 points).
-# Measured with this protocol, best validation Dice, matched supervised vs method, seeds 1337 / 1 / 2, with
-# the phantom preset's defaults (unlabeled views not quantised to 256 levels, see NON_REFERENCE_DATA):
-#   agp       1600 it  0.8671 vs 0.8995 / 0.8787 vs 0.8946 / 0.8571 vs 0.8987   (+3.2 / +1.6 / +4.2 points)
-#   unimatch  3200 it  0.8750 vs 0.8988 / 0.8753 vs 0.9060 / 0.8690 vs 0.8733   (+2.4 / +3.1 / +0.4)
-#   fixmatch  6400 it  0.8775 vs 0.9076 / 0.8892 vs 0.8951 / 0.8751 vs 0.9096   (+3.0 / +0.6 / +3.5; joint pass)
-# FixMatch with UniMatch's separate strong pass (the ACDC recipe's), 1600 it: 0.8671 vs 0.8748 / 0.8787 vs 0.8589
-# (+0.8 / −2.0, loses). It collapses toward background late in a run (validation Dice per 200 it, seed 1: ...
-# 0.857, 0.471, 0.349): with one labeled volume its single strong view, supervised by its own pseudo-labels, ends up
-# predicting background on the unlabeled images; UniMatch's second view and feature stream and AGP's
-# attention-guided views do not collapse at this budget. Tried on seed 1337, 1600 it (best; validation Dice per
-# 200 it), none of which makes it win: unlabeled batch 4 (a strong batch the size of UniMatch's) 0.8669 vs 0.8671,
-# tie, falling to 0.78; unlabeled batch 6 0.8899 vs 0.8671 but through 0.09 at 800 it; batch 4+4 0.8039 vs 0.8578,
-# ends 0.12; blur σ scaled from 256² to 32² pixels (0.0125-0.25) collapses sooner, to 0.00 (seeds 1337 and 1),
-# so does no CutMix (0.17 / 0.05 at the end) and 64x64 images (0.7539 vs 0.8976, ends 0.002);
-# leaving classes with no confident target pixel out of the masked Dice collapses too (0.81 → 0.28): the drift is
-# the model's own confident-background pseudo-labels, not the empty-class Dice term. What does stop it is BatchNorm:
-# with --joint-forward (labeled, weak and strong views in one train-mode batch, as FixMatch's own code) the same
-# runs do not collapse: 1600 it 0.8576 / 0.8566 (seeds 1337 / 1; validation Dice steady at 0.84-0.86 to the end,
-# still below 0.8671 / 0.8787), 3200 it 0.8750 vs 0.8957 / 0.8753 vs 0.8672 / 0.8690 vs 0.8950 (+2.1 / −0.8 / +2.6),
-# and at 6400 it ahead on every seed (the fixmatch row above; ~7 min per FixMatch run, ~3.5 min per baseline). The
-# joint pass is therefore FixMatch's default on every preset but acdc (the test below runs the phantom's defaults).
-# Before the quantisation default changed (agp, unimatch and fixmatch quantised the unlabeled views as on ACDC):
-# agp +3.1 / +2.2 / +4.5, unimatch 3200 it +0.7 / +2.0 / +2.9, fixmatch 1600 it −3.4 / −4.3 and 3200 it −8.1
-# (seed 1337).
-# At 800 iterations (seeds 1337 / 1, quantised) not even AGP is ahead: supervised 0.8553 / 0.8727, agp
-# 0.8710 / 0.8621, unimatch 0.8737 / 0.8593. One CPU thread: ~3 min per AGP run at 1600 it, ~5 min per
-# UniMatch run at 3200.
+# Checks (slow): on the MRI phantom with the phantom preset's defaults (1 labeled volume, 32x32), each method's
+# best validation Dice is above its matched supervised baseline's (same network, inference resize and schedule,
+# Testing/phantom_comparison.py) on each of the seeds 1337, 1 and 2, and by more than one point on average, at the
+# budget given per method (AGP 1600, UniMatch 3200, FixMatch 6400 iterations).
 @pytest.mark.slow
 @pytest.mark.parametrize("name,iterations", [("agp", 1600), ("unimatch", 3200), ("fixmatch", 6400)])
 def test_beats_its_matched_supervised_baseline_on_the_phantom(name, iterations):

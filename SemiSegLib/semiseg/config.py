@@ -78,7 +78,7 @@ class TrainConfig:
     stride: tuple[int, ...] = field(default=(), metadata=_h("3D sliding-window stride (LA 18 18 4)"))
     resize: str = field(default="nearest", metadata=_h("2D inference resize: nearest (SSL4MIS) or bilinear (UniMatch/AGP: logits upsampled)", choices=["nearest", "bilinear"]))
     window_weighting: str = field(default="uniform", metadata=_h("3D sliding window: uniform mean over overlapping windows (the literature) or gaussian (nnU-Net importance map, sigma = patch/8; SemiSeg option)", choices=["uniform", "gaussian"]))
-    lcc: bool = field(default=False, metadata=_h("keep the largest connected component per class at test time"))
+    lcc: bool = field(default=False, metadata=_h("keep the largest connected component per class at test time (--lcc is an alias; not the lcc method)", flag="largest-component"))
     empty: str = field(default="zero", metadata=_h("empty-prediction metric convention: zero (SS-Net/BCP) or penalty (ICL)", choices=["zero", "penalty"]))
     # planning for users' own scans (semiseg.planning; benchmark datasets keep their recipes under plan=auto)
     plan: str = field(default="auto", metadata=_h("auto (plan user folders/CSVs, not acdc/la/phantom), off, or a plan.json PATH"))

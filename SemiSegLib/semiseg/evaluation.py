@@ -1,5 +1,6 @@
 """Evaluate a network on labeled cases: per case and per class Dice, Jaccard, HD95, ASD (voxels and,
-where the spacing is known, mm), and the mean over classes (BENCHMARK.md protocol)."""
+where the spacing is known, mm), and the mean over classes (the papers' "Avg": per volume and class, then over
+volumes and classes)."""
 from __future__ import annotations
 
 import csv

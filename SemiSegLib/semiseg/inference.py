@@ -1,4 +1,5 @@
-"""Inference (METHODS.md §0.7): 2D slice-wise with resize to the training size and back, 3D sliding
+"""Inference as in SSL4MIS ``code/val_2D.py`` (2D) and SS-Net ``code/utils/test_3d_patch.py`` (3D): 2D slice-wise
+with resize to the training size and back, 3D sliding
 window with overlap averaging, optional largest-connected-component post-processing."""
 from __future__ import annotations
 

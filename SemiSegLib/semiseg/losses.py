@@ -1,4 +1,5 @@
-"""Loss primitives of the literature (METHODS.md §0.5), written once and shared by every method."""
+"""Loss primitives of the literature (SSL4MIS ``code/utils/losses.py``, SS-Net ``code/utils/losses.py``), written
+once and shared by every method."""
 from __future__ import annotations
 
 import torch
@@ -63,7 +64,8 @@ def dice_loss(probs: torch.Tensor, label: torch.Tensor, form: str, smooth: float
 
 def supervised_loss(logits: torch.Tensor, label: torch.Tensor, kind: str, dice: str = "multiclass",
                     smooth: float | None = None) -> torch.Tensor:
-    """The supervised-loss conventions of the literature (METHODS.md §0.5).
+    """The supervised-loss conventions of the literature (½(CE + Dice): SSL4MIS, UA-MT, UniMatch; Dice only:
+    SS-Net, MC-Net, CAML; CE + Dice: ICL).
 
     kind: ``half_ce_dice`` = ½(CE + Dice) (SSL4MIS, UA-MT, UniMatch); ``dice`` = Dice only (SS-Net, CAML);
     ``ce_plus_dice`` = CE + Dice (ICL).  dice: a form of ``dice_loss`` (multiclass, foreground, binary).

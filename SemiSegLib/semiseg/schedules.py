@@ -1,4 +1,5 @@
-"""Schedules of the literature (METHODS.md §0.4): ramp-ups, learning rates, EMA decay."""
+"""Schedules of the literature (SSL4MIS ``code/utils/ramps.py`` and its training scripts): ramp-ups, learning
+rates, EMA decay."""
 from __future__ import annotations
 
 import math

@@ -189,7 +189,7 @@ def cmd_evaluate(ns, reporter) -> int:
     if reporter.json:
         reporter({"event": "evaluated", **s})
     else:
-        print(f"{ns.split}: {s['cases']} cases, empty-prediction convention '{ns.empty}', LCC {'on' if s['lcc'] else 'off'}")
+        print(f"{ns.split}: {s['cases']} cases, empty-prediction convention '{ns.empty}', largest component {'on' if s['lcc'] else 'off'}")
         print(format_table(s))
         print(f"written: {out / f'evaluate_{ns.split}.json'}, {out / f'evaluate_{ns.split}.csv'}")
     return protocol.EXIT_OK
@@ -517,8 +517,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     s.add_argument("--input", nargs="+", required=True, help="image files (NRRD, NIfTI, MHA) or folders")
     s.add_argument("--out", required=True, help="output folder: NAME.label.nrrd and NAME.seg.nrrd per input")
     s.add_argument("--device", default="auto")
-    s.add_argument("--lcc", action=argparse.BooleanOptionalAction, default=None,
-                   help="largest connected component per class (default: as trained)")
+    s.add_argument("--largest-component", "--lcc", dest="lcc", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the largest connected component per class (default: as trained; --lcc is an alias)")
     s.add_argument("--stride", nargs=3, type=int, help="3D sliding-window stride (default: as trained)")
 
     e = sub.add_parser("evaluate", help="evaluate a model on a dataset split")
@@ -529,7 +529,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     e.add_argument("--val-split", default=None)
     e.add_argument("--test-split", default=None)
     e.add_argument("--empty", choices=["zero", "penalty"], default="zero", help="empty-prediction convention")
-    e.add_argument("--lcc", action=argparse.BooleanOptionalAction, default=None)
+    e.add_argument("--largest-component", "--lcc", dest="lcc", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the largest connected component per class (default: as trained; --lcc is an alias)")
     e.add_argument("--device", default="auto")
     e.add_argument("--out", default=None, help="folder for evaluate_SPLIT.json/.csv (default: the model's folder)")
 

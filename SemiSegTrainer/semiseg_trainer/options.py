@@ -13,16 +13,19 @@ METHOD_PREFIX = "opt__"
 
 
 def _add_field(group, f: dataclasses.Field, dest: str, default_text: str) -> None:
-    flag = "--" + f.name.replace("_", "-")
     meta = f.metadata or {}
+    # a field may name its option differently (metadata "flag"); its own name stays an alias
+    flags = ["--" + f.name.replace("_", "-")]
+    if meta.get("flag"):
+        flags.insert(0, "--" + meta["flag"])
     help_text = f"{meta.get('help', '')} [{default_text}]"
     kw: dict = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
     kind = field_kind(f)
     if kind == "bool":
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         return
     if kind in ("ints", "floats"):
-        group.add_argument(flag, nargs="+", type=scalar_type(f), metavar="N", **kw)
+        group.add_argument(*flags, nargs="+", type=scalar_type(f), metavar="N", **kw)
         return
     if kind == "dict":
         return
@@ -30,7 +33,7 @@ def _add_field(group, f: dataclasses.Field, dest: str, default_text: str) -> Non
     kw["metavar"] = f.name.upper()
     if field_choices(f):
         kw["choices"] = [c for c in field_choices(f) if c != ""]
-    group.add_argument(flag, **kw)
+    group.add_argument(*flags, **kw)
 
 
 def add_config_options(parser: argparse.ArgumentParser, title: str, skip: tuple[str, ...] = (),

@@ -1,12 +1,11 @@
 """Datasets named on the command line, resolved into labeled / unlabeled / val / test case lists.
 
 A dataset is named ``acdc:PATH``, ``la:PATH``, ``phantom`` (``phantom:N`` for N training volumes),
-``phantom_ct[:N]`` (the CT-like phantom, 3D),
-a folder of image/label files, or a CSV (columns ``image``, ``label`` (may be empty), optional
-``split`` in train/val/test). Each case is a lazy reference: nothing is read until training needs
-it, and an unlabeled case carries no label reader at all, so the unlabeled pool's labels are never
-opened (the semi-supervised protocol, METHODS.md §0.1).
-"""
+``phantom_ct[:N]`` (the CT-like phantom, 3D), a folder of image/label files, or a CSV (columns ``image``, ``label``
+(may be empty), optional ``split`` in train/val/test). Each case is a lazy reference: nothing is read until
+training needs it, and an unlabeled case carries no label reader at all, so the unlabeled pool's labels are never
+opened (the semi-supervised protocol of SSL4MIS ``code/dataloaders/dataset.py`` and UA-MT
+``code/dataloaders/la_heart.py``). """
 from __future__ import annotations
 
 import csv

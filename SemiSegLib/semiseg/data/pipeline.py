@@ -1,5 +1,5 @@
 """Training batches: cases loaded once into memory (on the training device when they fit),
-two-stream sampling (labeled first, then unlabeled, METHODS.md §0.3) and the literature's
+two-stream sampling (labeled first, then unlabeled: SSL4MIS ``TwoStreamBatchSampler``) and the literature's
 augmentations applied to whole batches in tensor operations. All randomness comes from one CPU
 ``torch.Generator`` (same draws, same order as the per-sample reference transforms in
 transforms.py) whose state, with the samplers', is saved in checkpoints."""

@@ -1,6 +1,7 @@
-"""Tensor transforms: resizing as the literature does it, intensity normalisation, and the training
-augmentations of METHODS.md §0.6, drawn from an explicit ``torch.Generator`` (saved in checkpoints,
-so a resumed run draws the same augmentations)."""
+"""Tensor transforms: resizing as the literature does it, intensity normalisation, and the training augmentations
+of SSL4MIS ``code/dataloaders/dataset.py`` (RandomGenerator) and UA-MT ``code/dataloaders/la_heart.py``
+(RandomRotFlip, RandomCrop), drawn from an explicit ``torch.Generator`` (saved in checkpoints, so a resumed run
+draws the same augmentations)."""
 from __future__ import annotations
 
 import math

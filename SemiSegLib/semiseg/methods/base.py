@@ -25,6 +25,9 @@ class MethodContext:
     num_classes: int         # including background
     iterations: int          # total training iterations
     preset: str              # acdc, la, phantom
+    patch_size: tuple = ()   # the training size (2D resize target or 3D patch); () = unknown (unit tests)
+    labeled_batch: int = 0   # samples per step (0 = unknown)
+    unlabeled_batch: int = 0
 
 
 @dataclass

@@ -57,9 +57,6 @@ class Options:
                 "empty = the run's patch size"})
     memory_check: bool = field(default=True, metadata={
         "help": "estimate the training memory before the first iteration and stop with an error when it cannot fit"})
-    run: dict = field(default=None, metadata={
-        "help": "filled in from the run configuration (batch sizes, patch size); not a user option",
-        "internal": True})
 
 
 RECIPE = {"acdc": {"labeled_batch": 8, "unlabeled_batch": 8, "lr_schedule": "poly", "lr": 0.01}}
@@ -124,8 +121,6 @@ class ICL(Method):
                 raise SemiSegError(f"icl (exact): --train-size {tuple(options['train_size'])} differs from the patch "
                                    f"size {tuple(cfg.patch_size)}; the token-axis MLPs only work at the size they "
                                    f"were built for")
-        options["run"] = {"labeled_batch": cfg.labeled_batch, "unlabeled_batch": cfg.unlabeled_batch,
-                          "patch_size": list(cfg.patch_size)}
         return options
 
     def __init__(self, student, options: Options, ctx):
@@ -148,7 +143,7 @@ class ICL(Method):
         self.uscl = SemanticProxyModule(ctx.num_classes, tokens, drop_path=options.drop_path)
 
     def _train_size(self) -> tuple[int, int]:
-        size = tuple(self.options.train_size) or tuple((self.options.run or {}).get("patch_size", ()))
+        size = tuple(self.options.train_size) or tuple(self.ctx.patch_size)
         if not size:
             size = tuple(DATA_PRESETS.get(self.ctx.preset, DATA_PRESETS["generic2d"])["patch_size"])
         if len(size) != 2 or any(s % SIZE_DIVISOR for s in size):
@@ -230,9 +225,8 @@ class ICL(Method):
 
     def on_start(self, log) -> None:
         device = next(self.parameters()).device
-        run = self.options.run or {}
-        bl = int(run.get("labeled_batch") or 8)
-        bu = int(run.get("unlabeled_batch") or 8)
+        bl = self.ctx.labeled_batch or 8  # the reference's 8 + 8 when the run's batch is not known
+        bu = self.ctx.unlabeled_batch or 8
         est = self.memory_estimate(bl, bu, device.type)
         h, w = self.train_size
         variant = "exact" if self.exact else "light variant, a SemiSeg deviation"

@@ -106,7 +106,9 @@ class Trainer:
         net = build_network(cfg.network, **net_kwargs)
         if getattr(net, "dim", cfg.dim) != cfg.dim:
             raise SemiSegError(f"network '{cfg.network}' is {net.dim}D but the run is {cfg.dim}D")
-        ctx = MethodContext(dim=cfg.dim, num_classes=num_classes, iterations=cfg.iterations, preset=cfg.preset)
+        ctx = MethodContext(dim=cfg.dim, num_classes=num_classes, iterations=cfg.iterations, preset=cfg.preset,
+                            patch_size=tuple(cfg.patch_size), labeled_batch=cfg.labeled_batch,
+                            unlabeled_batch=cfg.unlabeled_batch)
         self.method = method_cls(net, method_cls.Options(**cfg.method_options), ctx).to(self.device)
         if method_cls.uses_teacher:
             teacher = copy.deepcopy(self.method.student)
