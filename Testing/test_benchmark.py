@@ -301,3 +301,19 @@ def test_grid_matched_baseline_is_the_methods_run_without_its_unlabeled_terms(tm
     assert len(labels) == 2 and all(label.startswith("supervised [") for label in labels)
     matched_label = [label for label in labels if "resize=bilinear" in label]
     assert len(matched_label) == 1 and "upsampling" not in matched_label[0]  # the same network as the preset's
+
+
+def test_header_names_the_protocol(tmp_path):
+    """Honest runs say "SemiSeg protocol (val-selected)"; runs made with --protocol paper that selected on the
+    test set say "paper protocol (test-selected)" and the cadence they validated at."""
+    for seed in (1337, 1338):
+        fake_run(tmp_path / "honest", dict(data="phantom:6", labeled=2, method="mean_teacher", seed=seed), {"RV": 0.5}, 1.0)
+        d = fake_run(tmp_path / "paper", dict(data="phantom:6", labeled=2, method="mean_teacher", seed=seed,
+                                              selection="test", val_every=200, val_from=400), {"RV": 0.5}, 1.0)
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps(dict(cfg, protocol="paper")))  # as --protocol paper on LA writes it
+    honest = B.results_markdown(B.collect_runs([tmp_path / "honest"]))
+    paper = B.results_markdown(B.collect_runs([tmp_path / "paper"]))
+    assert "- Protocol: SemiSeg protocol (val-selected)" in honest and "paper protocol" not in honest
+    assert "- Protocol: paper protocol (test-selected)" in paper
+    assert "checked every 200 iterations from iteration 400" in paper

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write
 from ..errors import SemiSegError
+from ..methods.reference import protocol_label
 from .grid import environment
 from .records import (DATA_KEYS, GRID_KEYS, RUNTIME_KEYS, STD_DDOF, EventHandler, Group, RunRecord, format_mean_std,
                       group_runs, group_stats, report_split, run_value)
@@ -62,6 +63,14 @@ def _option_lines(records: list[RunRecord], groups: list[Group]) -> list[str]:
     return lines or ["- none: every run used the preset's recipe and the methods' default options"]
 
 
+def uniq_text(items) -> list[str]:
+    out = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return out
+
+
 def protocol_lines(records: list[RunRecord], groups: list[Group], split: str) -> list[str]:
     cfgs = [r.config for r in records]
 
@@ -98,8 +107,12 @@ def protocol_lines(records: list[RunRecord], groups: list[Group], split: str) ->
         s = sel_text.get(c.get("selection"), str(c.get("selection")))
         if c.get("selection") in ("val", "test"):
             s += f", checked every {c.get('val_every')} iterations"
+            if c.get("val_from"):
+                s += f" from iteration {c.get('val_from')}"
         if s not in sels:
             sels.append(s)
+    protocols = uniq_text(protocol_label(c.get("protocol", "semiseg"), c.get("selection", "")) for c in cfgs)
+    lines.append(f"- Protocol: {'; '.join(protocols)}")
     lines.append(f"- Checkpoint selection: {'; '.join(sels)}")
     empty_text = {"zero": "`zero`: a class with an empty prediction scores 0 on all four metrics (SS-Net/BCP)",
                   "penalty": "`penalty`: empty prediction → Dice 0, HD95 373.13 (ICL)"}
