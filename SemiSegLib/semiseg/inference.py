@@ -21,26 +21,38 @@ def _autocast(device: torch.device, half: bool):
 
 @torch.no_grad()
 def predict_2d(net: torch.nn.Module, image: np.ndarray, size: tuple[int, int], resize: str = "nearest",
-               batch: int = 32, half: bool = True) -> np.ndarray:
+               batch: int = 32, half: bool = True, return_probs: bool = False):
     """(X, Y, Z) normalised image -> (X, Y, Z) labels, slice by slice along z.
 
     ``nearest`` (SSL4MIS): image zoomed to ``size`` with order 0, argmax, label zoomed back with order 0.
     ``bilinear`` (UniMatch/AGP): image resized bilinearly, logits upsampled bilinearly, then argmax.
+    ``return_probs``: also the (C, X, Y, Z) softmax on the input grid (the argmax's own probabilities:
+    zoomed back nearest, or the softmax of the upsampled logits).
     """
     device = next(net.parameters()).device
     vol = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(1)  # (Z,1,X,Y)
     xy = tuple(vol.shape[2:])
     out = torch.empty((vol.shape[0],) + xy, dtype=torch.uint8)
+    probs = None
     for s in range(0, vol.shape[0], batch):
         x = resize_image(vol[s:s + batch].to(device), size, resize)
         with _autocast(device, half):
             logits = net(x).float()
         if resize == "nearest":
             out[s:s + batch] = zoom_nearest(logits.argmax(1), xy).to(torch.uint8).cpu()
+            if return_probs:  # each channel zoomed as the labels are
+                p = zoom_nearest(torch.softmax(logits, 1), xy)
         else:
             up = F.interpolate(logits, size=xy, mode="bilinear", align_corners=False) if xy != tuple(size) else logits
             out[s:s + batch] = up.argmax(1).to(torch.uint8).cpu()
-    return out.permute(1, 2, 0).numpy()
+            if return_probs:
+                p = torch.softmax(up, 1)
+        if return_probs:
+            if probs is None:
+                probs = torch.empty((vol.shape[0], p.shape[1]) + xy, dtype=torch.float32)
+            probs[s:s + batch] = p.cpu()
+    labels = out.permute(1, 2, 0).numpy()
+    return (labels, probs.permute(1, 2, 3, 0).numpy()) if return_probs else labels
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -128,19 +140,27 @@ def largest_component(labels: np.ndarray, class_values: list[int]) -> np.ndarray
 
 
 def predict_volume(net: torch.nn.Module, image: np.ndarray, meta: dict, lcc: bool | None = None,
-                   stride: tuple[int, ...] | None = None, half: bool = True) -> np.ndarray:
-    """Normalise as in training, predict with the checkpoint's settings, map indices to label values."""
+                   stride: tuple[int, ...] | None = None, half: bool = True, return_probs: bool = False):
+    """Normalise as in training, predict with the checkpoint's settings, map indices to label values.
+    ``return_probs``: also the (C, *image.shape) softmax (channel 0 background, then the classes in the
+    checkpoint's order; 3D: averaged over the overlapping windows), before any LCC."""
     img = normalize(image, meta["normalization"])
+    probs = None
     if meta["dim"] == 2:
         pred = predict_2d(net, img if img.ndim == 3 else img[..., None], tuple(meta["patch_size"]),
-                          meta.get("resize", "nearest"), half=half)
+                          meta.get("resize", "nearest"), half=half, return_probs=return_probs)
+        if return_probs:
+            pred, probs = pred
         if image.ndim == 2:
             pred = pred[..., 0]
+            probs = probs[..., 0] if probs is not None else None
     else:
         pred = predict_3d(net, img, tuple(meta["patch_size"]), tuple(stride or meta["stride"]), half=half,
-                          weighting=meta.get("window_weighting", "uniform"))
+                          weighting=meta.get("window_weighting", "uniform"), return_probs=return_probs)
+        if return_probs:
+            pred, probs = pred
     values = np.array([0] + [c["value"] for c in meta["classes"]], dtype=np.int32)
     pred = values[pred].astype(np.uint8 if values.max() < 256 else np.uint16)
     if lcc if lcc is not None else meta.get("lcc", False):
         pred = largest_component(pred, [c["value"] for c in meta["classes"]])
-    return pred
+    return (pred, probs) if return_probs else pred

@@ -1,5 +1,6 @@
 """Segment image files with a trained checkpoint: labelmap NRRD + Slicer ``.seg.nrrd`` (segment names
-and colours) on the input's exact geometry."""
+and colours) on the input's exact geometry, and optionally a voxel uncertainty map (``NAME.uncertainty.nrrd``,
+float32, same grid; :mod:`semiseg.active`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,8 @@ import torch
 
 from .checkpoint import load_checkpoint, network_from_checkpoint
 from .data.datasets import IMAGE_SUFFIXES, _stem
-from .data.io import read_volume, write_labelmap
+from .active import uncertainty_map, volume_score
+from .data.io import read_volume, write_labelmap, write_volume
 from .data.segfile import write_segmentation
 from .data.volume import ClassInfo, Volume
 from .errors import SemiSegError
@@ -25,6 +27,17 @@ class Segmenter:
         self.meta = self.ckpt["meta"]
         self.classes = [ClassInfo.from_dict(c) for c in self.meta["classes"]]
         self.lcc, self.stride = lcc, stride
+        self.teacher: torch.nn.Module | None = None
+
+    def load_teacher(self) -> None:
+        """The EMA teacher of the model (``teacher-disagreement``): saved with the checkpoint by runs of
+        methods that have one, else taken from the resumable ``last.pt`` beside it."""
+        state = teacher_state(self.ckpt)
+        if state is None:
+            method = self.ckpt.get("config", {}).get("method", "?")
+            raise SemiSegError(f"model {self.ckpt['path']} (method '{method}') has no EMA teacher: "
+                               "teacher-disagreement needs a method with one (mean_teacher, ua_mt, lcc)")
+        self.teacher = network_from_checkpoint({**self.ckpt, "model": state}, self.device)
 
     def predict_array(self, image: np.ndarray) -> np.ndarray:
         if not np.isfinite(image).all():
@@ -44,14 +57,47 @@ class Segmenter:
             raise SemiSegError("input image contains NaN or infinite values")
         return predict_on_original_grid(vol, plan, self.predict_array)
 
-    def segment_file(self, path: str | Path, out_dir: str | Path) -> dict:
+    def _probs(self, net: torch.nn.Module, image: np.ndarray):
+        return predict_volume(net, image, self.meta, lcc=self.lcc, stride=self.stride,
+                              half=self.device.type == "cuda", return_probs=True)
+
+    def uncertainty_on_grid(self, vol: Volume, strategy: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
+        """(labels, voxel uncertainty) on the volume's own grid. A planned model's map is computed on the plan
+        grid and resampled back linearly (as the labels are resampled back); ``strategy`` names the map
+        (:func:`semiseg.active.uncertainty_map`; ``teacher-disagreement`` needs :meth:`load_teacher`)."""
+        if not np.isfinite(vol.array).all():
+            raise SemiSegError("input image contains NaN or infinite values")
+        if strategy == "teacher-disagreement" and self.teacher is None:
+            self.load_teacher()
+
+        def on_array(image):
+            labels, probs = self._probs(self.net, image)
+            teacher = self._probs(self.teacher, image)[1] if strategy == "teacher-disagreement" else None
+            return labels, uncertainty_map(strategy, probs, teacher)
+
+        plan = self.meta.get("plan")
+        if not plan:
+            return on_array(vol.array)
+        from .planning import preprocess_image, restore_label
+        from .planning.resample import resample_image
+        pre = preprocess_image(vol, plan)
+        labels, umap = on_array(pre.array)
+        shape = tuple(vol.array.shape)
+        grid3 = tuple(shape[:3]) + (1,) * (3 - len(shape))
+        umap3 = umap if umap.ndim == 3 else umap.reshape(umap.shape + (1,) * (3 - umap.ndim))
+        back = resample_image(umap3, pre.geometry, vol.geometry, grid3, "linear").reshape(shape)
+        return restore_label(labels, pre.geometry, vol.geometry, shape), np.clip(back, 0, 1).astype(np.float32)
+
+    def segment_file(self, path: str | Path, out_dir: str | Path, uncertainty: bool = False) -> dict:
+        """Write NAME.label.nrrd and NAME.seg.nrrd (and with ``uncertainty`` NAME.uncertainty.nrrd: the
+        normalised entropy of the softmax, float32 on the input's grid) into ``out_dir``."""
         path, out_dir = Path(path), Path(out_dir)
         vol = read_volume(path)
         image = vol.array
         if self.meta["dim"] == 3 and image.ndim == 3 and any(s < 16 for s in image.shape) and not self.meta.get("plan"):
             raise SemiSegError(f"{path}: size {image.shape} is too small for the 3D model")
         try:
-            pred = self.predict_on_grid(vol)
+            pred, umap = self.uncertainty_on_grid(vol) if uncertainty else (self.predict_on_grid(vol), None)
         except SemiSegError as e:
             raise SemiSegError(f"{path}: {e}") from None
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,8 +105,40 @@ class Segmenter:
         label_path, seg_path = out_dir / f"{stem}.label.nrrd", out_dir / f"{stem}.seg.nrrd"
         write_labelmap(label_path, pred, vol.geometry)
         write_segmentation(seg_path, pred, vol.geometry, self.classes)
-        return {"input": str(path), "labelmap": str(label_path), "segmentation": str(seg_path),
-                "voxels": {c.name: int((pred == c.value).sum()) for c in self.classes}}
+        result = {"input": str(path), "labelmap": str(label_path), "segmentation": str(seg_path),
+                  "voxels": {c.name: int((pred == c.value).sum()) for c in self.classes}}
+        if umap is not None:
+            u_path = out_dir / f"{stem}.uncertainty.nrrd"
+            write_volume(u_path, Volume(umap.astype(np.float32), vol.geometry, stem))
+            result.update(uncertainty=str(u_path), uncertainty_score=round(volume_score(umap, pred), 6))
+        return result
+
+
+def teacher_state(ckpt: dict) -> dict | None:
+    """The EMA teacher's weights of a checkpoint: its own ``teacher`` entry, the training state of a
+    ``last.pt``, or the ``last.pt`` beside it (runs saved before best.pt carried the teacher)."""
+    if ckpt.get("teacher"):
+        return ckpt["teacher"]
+    method_state = (ckpt.get("training") or {}).get("method") or {}
+    state = {k[len("teacher."):]: v for k, v in method_state.items() if k.startswith("teacher.")}
+    if state:
+        return state
+    last = Path(ckpt.get("path", "")).parent / "last.pt"
+    if ckpt.get("path") and last.is_file() and Path(ckpt["path"]).name != "last.pt":
+        return teacher_state(load_checkpoint(last, map_location="cpu"))
+    return None
+
+
+def write_uncertainty_csv(path: str | Path, results: list[dict]) -> None:
+    """``input,score`` per segmented volume (the ``predicted`` events' uncertainty scores), atomically."""
+    import csv
+    import io
+    from .atomic import atomic_write
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["input", "score"])
+    w.writerows([r["input"], r["uncertainty_score"]] for r in results if "uncertainty_score" in r)
+    atomic_write(Path(path), buf.getvalue())
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:

@@ -1,4 +1,4 @@
-"""``semiseg``: train, segment, evaluate, demo, and run a Slicer job.
+"""``semiseg``: train, segment, suggest, evaluate, demo, and run a Slicer job.
 
 Every error caused by input ends with one line ``semiseg: error: ...`` and exit code 2; a cancelled
 run (Ctrl-C, SIGTERM, CANCEL file) writes its checkpoint and exits with code 3.
@@ -150,16 +150,33 @@ def cmd_plan(ns, reporter) -> int:
 def cmd_segment(ns, reporter) -> int:
     from semiseg.predict import Segmenter, expand_inputs
     from semiseg.train.loop import select_device
+    from semiseg.predict import write_uncertainty_csv
     seg = Segmenter(ns.model, select_device(ns.device), lcc=ns.lcc, stride=tuple(ns.stride) if ns.stride else None)
     files = expand_inputs(ns.input)
     stop = StopFlag()
+    results = []
     for i, f in enumerate(files):
         if stop():
             reporter({"event": "finished", "status": "cancelled", "done": i})
             return protocol.EXIT_CANCELLED
-        r = seg.segment_file(f, ns.out)
+        r = seg.segment_file(f, ns.out, uncertainty=ns.uncertainty)
+        results.append(r)
         reporter({"event": "predicted", "index": i + 1, "total": len(files), **r})
+    if ns.uncertainty:
+        write_uncertainty_csv(Path(ns.out) / "uncertainty.csv", results)
     reporter({"event": "finished", "status": "completed", "outputs": str(ns.out)})
+    return protocol.EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ suggest
+def cmd_suggest(ns, reporter) -> int:
+    from semiseg.suggest import format_ranking, suggest_files
+    from semiseg.train.loop import select_device
+    ranking = suggest_files(ns.model, ns.input, ns.n, ns.strategy, ns.seed, ns.diversity, select_device(ns.device))
+    if reporter.json:
+        print(json.dumps({"strategy": ns.strategy, "ranking": ranking}), flush=True)
+    else:
+        print(format_ranking(ranking, ns.strategy))
     return protocol.EXIT_OK
 
 
@@ -312,22 +329,45 @@ def cmd_run(ns, reporter) -> int:
             model = Path(spec.get("model", ""))
             model = model if model.is_absolute() else job / model
             out = job / spec.get("outputs", "predictions")
+            from semiseg.predict import write_uncertainty_csv
             seg = Segmenter(model, select_device(spec.get("device", "auto")), lcc=spec.get("lcc"))
+            uncertainty = bool(spec.get("uncertainty"))
             stop = StopFlag(job)
             tee({"event": "started", "task": "segment", "total": len(inputs), "model": str(model), "device": str(seg.device)})
+            results = []
             for i, f in enumerate(inputs):
                 if stop():
                     tee({"event": "finished", "status": "cancelled", "task": "segment", "done": i})
                     return protocol.EXIT_CANCELLED
                 try:
-                    result = seg.segment_file(f, out)
+                    result = seg.segment_file(f, out, uncertainty=uncertainty)
                 except torch.OutOfMemoryError:
                     raise SemiSegError(f"out of GPU memory while segmenting {f.name}: choose the CPU or a smaller "
                                        f"stride/patch model") from None
+                results.append(result)
                 tee({"event": "predicted", "index": i + 1, "total": len(inputs), **result})
+            if uncertainty:
+                write_uncertainty_csv(out / "uncertainty.csv", results)
             tee({"event": "finished", "status": "completed", "task": "segment", "outputs": str(out)})
             return protocol.EXIT_OK
-        raise SemiSegError(f"{spec_path}: unknown task '{task}' (train or segment)")
+        if task == "suggest":
+            from semiseg.active import DEFAULT_DIVERSITY
+            from semiseg.suggest import suggest_files
+            from semiseg.train.loop import select_device
+            inputs = [str(job / p) for p in spec.get("inputs", [])]
+            if not inputs:
+                raise SemiSegError(f"{spec_path}: no input volume to rank")
+            model = Path(spec.get("model", ""))
+            model = model if model.is_absolute() else job / model
+            strategy = spec.get("strategy", "entropy")
+            tee({"event": "started", "task": "suggest", "total": len(inputs), "model": str(model), "strategy": strategy})
+            ranking = suggest_files(model, inputs, int(spec.get("n", 1)), strategy, int(spec.get("seed", 0)),
+                                    float(spec.get("diversity", DEFAULT_DIVERSITY)),
+                                    select_device(spec.get("device", "auto")))
+            tee({"event": "suggested", "strategy": strategy, "ranking": ranking})
+            tee({"event": "finished", "status": "completed", "task": "suggest"})
+            return protocol.EXIT_OK
+        raise SemiSegError(f"{spec_path}: unknown task '{task}' (train, segment or suggest)")
     except CancelledError as e:
         print(f"semiseg: {e}", file=sys.stderr)
         return protocol.EXIT_CANCELLED
@@ -496,6 +536,7 @@ def cmd_report(ns, reporter) -> int:
 
 # ------------------------------------------------------------------------------------------ main
 def build_parser(method: str) -> argparse.ArgumentParser:
+    from semiseg.active import DEFAULT_DIVERSITY, STRATEGIES
     p = argparse.ArgumentParser(prog="semiseg", description="SemiSeg: semi-supervised medical image segmentation.")
     p.add_argument("--json", action=argparse.BooleanOptionalAction, default=None,
                    help="progress as JSON lines (default: when stdout is not a terminal)")
@@ -520,6 +561,26 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     s.add_argument("--largest-component", "--lcc", dest="lcc", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the largest connected component per class (default: as trained; --lcc is an alias)")
     s.add_argument("--stride", nargs=3, type=int, help="3D sliding-window stride (default: as trained)")
+    s.add_argument("--uncertainty", action="store_true",
+                   help="also NAME.uncertainty.nrrd (float32 normalised entropy of the softmax, 0..1, on the input's "
+                        "grid), a per-volume score in the events and OUT/uncertainty.csv")
+
+    sg = sub.add_parser("suggest", help="rank unlabeled volumes: which to label next",
+                        description="Rank unlabeled volumes by the model's uncertainty (the score is the mean voxel "
+                                    "uncertainty over the predicted structures, dilated by one voxel, and every voxel "
+                                    "at least 0.5 uncertain) and pick N of them, passing over near-duplicates of "
+                                    "earlier picks. Example: semiseg suggest --model runs/v1 --input pool/ --n 3")
+    sg.add_argument("--model", required=True, help="checkpoint file or run folder (uses best.pt)")
+    sg.add_argument("--input", nargs="+", required=True, help="unlabeled image files or folders (the pool)")
+    sg.add_argument("--n", type=int, default=1, help="volumes to pick")
+    sg.add_argument("--strategy", default="entropy", choices=list(STRATEGIES),
+                    help="entropy (of the softmax), margin (1 - gap of the top two classes), teacher-disagreement "
+                         "(student vs EMA teacher; methods with a teacher), random (for comparison)")
+    sg.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
+    sg.add_argument("--diversity", type=float, default=DEFAULT_DIVERSITY,
+                    help="pass over a candidate whose thumbnail's cosine similarity to a picked one exceeds "
+                         "1 - DIVERSITY (0 = off)")
+    sg.add_argument("--device", default="auto")
 
     e = sub.add_parser("evaluate", help="evaluate a model on a dataset split")
     e.add_argument("--model", required=True)
@@ -657,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         return protocol.EXIT_OK
     if ns.command in ("devices", "catalog"):
         return cmd_describe(ns)
-    handler = {"plan": cmd_plan, "train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "run": cmd_run,
+    handler = {"plan": cmd_plan, "train": cmd_train, "segment": cmd_segment, "suggest": cmd_suggest, "evaluate": cmd_evaluate, "demo": cmd_demo, "run": cmd_run,
                "benchmark": cmd_benchmark, "report": cmd_report,
                "bench": cmd_bench}
     try:

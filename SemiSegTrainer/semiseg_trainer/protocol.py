@@ -12,7 +12,12 @@ finished {status: completed|cancelled}, error {message[, details]}. Under a time
     {"schema": 1, "task": "train", "config": {TrainConfig fields}, "resume": false,
      "dataset": {"classes": [{"value", "name", "color"[, "terminology"]}],     # optional: fixed class table
                  "cases": [{"name", "image", "label" (or null), "split": train|val}]}}   # paths relative to the job
-    {"schema": 1, "task": "segment", "model": PATH, "inputs": [PATH, ...], "device": "auto"}
+    {"schema": 1, "task": "segment", "model": PATH, "inputs": [PATH, ...], "device": "auto",
+     "uncertainty": false}     # true: NAME.uncertainty.nrrd + "uncertainty"/"uncertainty_score" in predicted
+                               # events + uncertainty.csv (input, score) in the outputs folder
+    {"schema": 1, "task": "suggest", "model": PATH, "inputs": [PATH, ...], "n": K, "strategy": "entropy",
+     "seed": 0, "diversity": 0.05}   # one event {"event": "suggested", "strategy", "ranking": [{"input",
+                                     # "score", "picked", "slice"}, ...]} (picks first), then finished
 
 Exit codes: 0 completed, 2 error (one ``error`` event was written), 3 cancelled (the checkpoint is
 valid; resume continues from it). Anything else is a crash without an event (killed, segfault, an

@@ -154,8 +154,11 @@ class Trainer:
 
     def _model_payload(self, step: int, metrics: dict) -> dict:
         net = self.method.inference_network()
-        return {"network": dict(net.config), "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                "meta": self.meta, "config": self.cfg.to_dict(), "iteration": step, "metrics": metrics}
+        payload = {"network": dict(net.config), "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                   "meta": self.meta, "config": self.cfg.to_dict(), "iteration": step, "metrics": metrics}
+        if self.method.teacher is not None:  # the EMA teacher of this very model (teacher-disagreement, warm start)
+            payload["teacher"] = {k: v.detach().cpu() for k, v in self.method.teacher.state_dict().items()}
+        return payload
 
     def _rng_state(self) -> dict:
         return {"torch": torch.get_rng_state(),
