@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .active import uncertainty_map, volume_score
 from .checkpoint import load_checkpoint, network_from_checkpoint
 from .data.datasets import IMAGE_SUFFIXES, _stem
-from .active import uncertainty_map, volume_score
 from .data.io import read_volume, write_labelmap, write_volume
 from .data.segfile import write_segmentation
 from .data.volume import ClassInfo, Volume
