@@ -12,7 +12,8 @@ import torch
 
 from semiseg import active
 from semiseg.active import Candidate, rank_candidates
-from semiseg.data.io import read_label, read_volume, write_volume
+from semiseg.data.classes import read_label
+from semiseg.data.io import read_volume, write_volume
 from semiseg.data.volume import Geometry, Volume
 from semiseg_trainer import protocol
 from semiseg_trainer.cli import main
