@@ -170,6 +170,7 @@ def cmd_segment(ns, reporter) -> int:
 
 # ------------------------------------------------------------------------------------------ suggest
 def cmd_suggest(ns, reporter) -> int:
+    import json
     from semiseg.suggest import format_ranking, suggest_files
     from semiseg.train.loop import select_device
     ranking = suggest_files(ns.model, ns.input, ns.n, ns.strategy, ns.seed, ns.diversity, select_device(ns.device))
