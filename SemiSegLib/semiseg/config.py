@@ -66,6 +66,9 @@ class TrainConfig:
     sync_bn: bool = field(default=True, metadata=_h("several GPUs (torchrun): BatchNorm statistics over the global batch (SyncBatchNorm); CUDA only, ignored on the CPU"))
     find_unused_parameters: bool = field(default=False, metadata=_h("several processes: let DDP tolerate parameters that get no gradient in a step (needed by methods with parts used only in some steps; slower)"))
     time_budget: str = field(default="", metadata=_h("train within this wall time: 30m, 1h, 90s, 1h30m or seconds (1800); the run measures its speed in its first iterations and shortens its schedule (iterations, lr decay, ramp-ups, validation cadence) to end by then, with a final checkpoint. Empty = no budget. SemiSeg option"))
+    # warm start (semiseg.finetune): a new model version from an earlier one
+    init_from: str = field(default="", metadata=_h("warm start from a run folder (its best.pt) or a checkpoint file: its weights and EMA teacher, a fresh optimiser, its method/network/batch/lr settings unless given, its plan for planned data, and the finetune schedule unless --iterations is given (a fraction of its iterations, ramp-ups not restarted); never the run's own folder"))
+    finetune_fraction: float = field(default=0.25, metadata=_h("finetune schedule (with --init-from, --iterations not given): iterations = this fraction of the source run's iterations"))
     # validation, checkpoints, logging
     val_every: int = field(default=0, metadata=_h("validate every N iterations (0 = never; ACDC 200)"))
     val_from: int = field(default=0, metadata=_h("first iteration that validates (SS-Net on LA: 2000)"))
@@ -260,6 +263,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.time_budget:
         from .train.budget import parse_duration
         parse_duration(cfg.time_budget)
+    if not 0.0 < cfg.finetune_fraction <= 1.0:
+        raise SemiSegError(f"finetune_fraction must be in (0, 1], not {cfg.finetune_fraction}")
     if cfg.prefetch < 0:
         raise SemiSegError("prefetch must be 0 (off) or a positive number of batches")
     for f in fields(cfg):  # the choices the fields declare (argparse checks them; a config file does not)

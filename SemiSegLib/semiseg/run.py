@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from . import finetune
 from . import runlock
 from .config import TrainConfig, matched_supervised, resolve_config
 from .data.datasets import DataSplits, check_images, load_dataset
@@ -79,15 +80,23 @@ def prepare_run(explicit: dict, file_values: dict | None = None, out_dir: str | 
 
 
 def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on_recipe, on_warning, write_plan):
+    given = {**file_values, **explicit}
+    source = None
+    if given.get("init_from"):  # warm start: the source run's settings are a layer below the file's
+        source = finetune.source_checkpoint(given["init_from"])
+        if out_dir is not None:
+            finetune.check_out_dir(source, out_dir)
+        file_values = {**finetune.inherited_values(source, given), **file_values}
     cfg = resolve_config(explicit, file_values)
     plan = None
     if plan_applies(cfg):
-        given = {**file_values, **explicit}
         if data is None:  # a folder/CSV is read before the plan decides its dimension
             data = load_run_data(cfg, given.get("dim") or None)
         _check(data, on_warning)
         saved = Path(out_dir) / "plan.json" if out_dir and write_plan else None
         plan = existing_plan(cfg, saved if resume else None)
+        if plan is None and source is not None and source["meta"].get("plan") and "plan" not in given:
+            plan = Plan.from_dict(source["meta"]["plan"])  # preprocess as the source model was trained
         if plan is None:
             plan = make_plan(fingerprint_splits(data, cfg.data), cfg.device, cfg.memory_budget_gb, plan_overrides(given))
         cfg = resolve_config(explicit, file_values, plan.config_values())
@@ -111,6 +120,8 @@ def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on
         cfg = resolve_config(explicit, file_values, {**(plan.config_values() if plan else {}), **recipe.config_values()})
         if on_recipe:
             on_recipe(recipe.describe())
+    if source is not None:
+        cfg = finetune.finetune_config(cfg, given, source)
     if baseline:
         cfg = matched_supervised(cfg)
     return cfg, data, plan

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .. import finetune
 from .. import runlock
 from ..atomic import atomic_write
 from ..checkpoint import load_checkpoint, save_checkpoint
@@ -115,6 +116,16 @@ class Trainer:
             for p in teacher.parameters():
                 p.requires_grad_(False)
             self.method.teacher = teacher
+        self.warm_start = None
+        self.ema_offset = 0  # EMA decay's step offset: a warm start continues the source's (no fast start)
+        if cfg.init_from:
+            source = finetune.source_checkpoint(cfg.init_from)
+            finetune.check_out_dir(source, self.out)
+            finetune.check_classes(source, data.classes)
+            finetune.check_something_new(source, [r.name for r in data.labeled])
+            teacher_from = finetune.warm_start(self.method, source)
+            self.warm_start = {**finetune.describe(cfg, source), "teacher": teacher_from}
+            self.ema_offset = int(source.get("iteration") or 0)
         self.method.train()
         self.channels_last = bool(cfg.channels_last and cfg.dim == 2)
         if self.channels_last:
@@ -142,6 +153,7 @@ class Trainer:
             "window_weighting": cfg.window_weighting,
             "classes": [c.to_dict() for c in data.classes], "method": cfg.method, "dataset": data.kind,
             "plan": getattr(data, "plan", None),  # semiseg.planning: segment applies the same preprocessing
+            "labeled_cases": [r.name for r in data.labeled],  # a warm start from this model must add some
         }
         self.amp_dtype = resolve_precision(cfg.precision, cfg.amp, self.device)
         self.budget = None
@@ -260,7 +272,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.method.teacher is not None:  # on every rank: identical weights stay identical
-            ema_update(self.method.teacher, self.method.student, ema_decay(step, cfg.ema_decay))
+            ema_update(self.method.teacher, self.method.student, ema_decay(step + self.ema_offset, cfg.ema_decay))
         return terms, lr
 
     # ------------------------------------------------------------------------------ main
@@ -295,6 +307,8 @@ class Trainer:
         if self.budget is not None:
             self.budget.begin(start)
             extra["time_budget_s"] = self.budget.seconds
+        if self.warm_start is not None:
+            extra["warm_start"] = self.warm_start
         self.emit("started", iteration=start, iterations=cfg.iterations, method=cfg.method, device=str(self.device),
                   data=self.data.summary(), selection=cfg.selection, run_dir=str(self.out),
                   precision=str(self.amp_dtype or torch.float32).replace("torch.", ""), **extra)
@@ -383,7 +397,10 @@ class Trainer:
             "wall_time_s": round(self.elapsed, 2),
             "it_per_s": round((cfg.iterations - start) / max(self.train_seconds, 1e-9), 3),
             "peak_memory_mb": round(peak_memory_mb(self.device), 1), "device": str(self.device),
+            "labeled_cases": len(self.data.labeled),
         }
+        if self.warm_start is not None:
+            summary["warm_start"] = self.warm_start
         if self.dist.enabled:
             summary["world_size"] = self.dist.world_size
         if self.budget is not None:

@@ -1,0 +1,123 @@
+"""Warm start (`semiseg train --init-from RUN`): the new run starts from the source model (its first loss is
+the source model's loss on the same batch, computed here independently), the finetune schedule, what it
+records, and the one-line refusals (other classes, its own folder, nothing new)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from semiseg.checkpoint import load_checkpoint
+from semiseg.data.pipeline import BatchSource
+from semiseg.methods import MethodContext, get_method
+from semiseg.networks import build_network
+from semiseg.run import prepare_run
+from semiseg.train.device import seed_everything
+from semiseg_trainer.cli import main
+
+COMMON = ["--data", "phantom:6", "--patch-size", "32", "32", "--labeled-batch", "2", "--unlabeled-batch", "2",
+          "--val-every", "0", "--threads", "1", "--device", "cpu", "--deterministic", "--precision", "fp32",
+          "--no-channels-last", "--log-every", "1"]
+
+
+def _train(out, *args):
+    assert main(["--json", "train", *COMMON, "--out", str(out), *args]) == 0
+    return [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    out = {}
+    for method in ("supervised", "mean_teacher"):
+        _train(root / method, "--method", method, "--labeled", "2", "--iterations", "8",
+               "--consistency-delay", "0", "--rampup-iterations", "0") if method == "mean_teacher" else \
+            _train(root / method, "--method", method, "--labeled", "2", "--iterations", "8")
+        out[method] = root / method
+    return out
+
+
+def reference_first_loss(source_dir, explicit: dict) -> float:
+    """The source checkpoint's weights (and EMA teacher) in a fresh network/method, ``losses`` on the first
+    batch a run with ``explicit`` draws (same seed, same random-number order as a run's set-up)."""
+    ckpt = load_checkpoint(source_dir / "best.pt")
+    cfg, data, _ = prepare_run(explicit)
+    seed_everything(cfg.seed, True)
+    spec = dict(ckpt["network"])
+    net = build_network(spec.pop("name"), **spec)  # draws its initial weights, as a run does, then overwritten
+    net.load_state_dict(ckpt["model"])
+    cls = get_method(cfg.method)
+    method = cls(net, cls.Options(**cfg.method_options),
+                 MethodContext(dim=cfg.dim, num_classes=len(data.classes) + 1, iterations=cfg.iterations,
+                               preset=cfg.preset))
+    if cls.uses_teacher:
+        teacher = copy.deepcopy(net)  # a copy draws no random numbers (a second build_network would)
+        teacher.load_state_dict(ckpt["teacher"])
+        method.teacher = teacher
+    method.train()
+    source = BatchSource(data.labeled, data.unlabeled if cls.uses_unlabeled else [], cfg.dim, tuple(cfg.patch_size),
+                         data.normalization, cfg.labeled_batch, cfg.unlabeled_batch if cls.uses_unlabeled else 0,
+                         cfg.seed, torch.device("cpu"), cls.extra_unlabeled_streams, data_on_device="off")
+    try:
+        with torch.no_grad():
+            return float(method.losses(source.next(), 0)["loss"])
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("method", ["supervised", "mean_teacher"])
+def test_warm_start_first_loss_is_the_source_models_loss_on_the_same_batch(method, sources, tmp_path):
+    src = sources[method]
+    warm = _train(tmp_path / "v2", "--init-from", str(src), "--labeled", "3")
+    scratch = _train(tmp_path / "scratch", "--method", method, "--labeled", "3", "--iterations", "2")
+    first_warm = next(e for e in warm if e["event"] == "iteration")
+    first_scratch = next(e for e in scratch if e["event"] == "iteration")
+    assert first_warm["iteration"] == 1 == first_scratch["iteration"]
+    explicit = {"data": "phantom:6", "labeled": 3, "method": method, "patch_size": (32, 32), "labeled_batch": 2,
+                "unlabeled_batch": 2, "iterations": 2, "precision": "fp32", "channels_last": False,
+                "deterministic": True, "method_options": {"consistency_delay": 0, "rampup_iterations": 0}
+                if method == "mean_teacher" else {}}
+    ref = reference_first_loss(src, explicit)
+    assert first_warm["loss"] == pytest.approx(ref, abs=2e-6)
+    assert abs(first_scratch["loss"] - ref) > 1e-3  # a fresh network's loss is another number
+    # finetune schedule: a quarter of the source's 8 iterations; ramps off; what the run records
+    cfg = json.loads((tmp_path / "v2" / "config.json").read_text())
+    assert cfg["iterations"] == 2 and cfg["init_from"] == str(src) and cfg["method"] == method
+    if method == "mean_teacher":
+        assert cfg["method_options"]["rampup_iterations"] == 0 and cfg["method_options"]["consistency_delay"] == 0
+    metrics = json.loads((tmp_path / "v2" / "metrics.json").read_text())
+    assert metrics["labeled_cases"] == 3 and metrics["warm_start"]["source_labeled_cases"] == 2
+    assert metrics["warm_start"]["teacher"] == ("loaded EMA teacher" if method == "mean_teacher" else "none")
+    meta = load_checkpoint(tmp_path / "v2" / "best.pt")["meta"]
+    assert meta["labeled_cases"] == ["phantom_000", "phantom_001", "phantom_002"]
+    assert (src / "best.pt").is_file() and load_checkpoint(src / "best.pt")["iteration"] == 8  # source untouched
+
+
+def test_mean_teacher_from_a_supervised_model_starts_its_teacher_as_the_student(sources, tmp_path):
+    _train(tmp_path / "v2", "--init-from", str(sources["supervised"]), "--method", "mean_teacher", "--labeled", "3",
+           "--iterations", "1")
+    metrics = json.loads((tmp_path / "v2" / "metrics.json").read_text())
+    assert metrics["warm_start"]["teacher"] == "copy of the loaded student"
+
+
+def _error(capsys, *args) -> str:
+    assert main(["--no-json", "train", *COMMON, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("semiseg: error: ")
+    return err[0]
+
+
+def test_bad_warm_starts_are_one_line(sources, tmp_path, capsys):
+    src = sources["supervised"]
+    line = _error(capsys, "--init-from", str(src), "--labeled", "2", "--out", str(tmp_path / "same"))
+    assert "nothing new" in line and "2 labeled case(s)" in line
+    line = _error(capsys, "--init-from", str(src), "--labeled", "3", "--out", str(src))
+    assert "never overwrites the model it starts from" in line
+    assert load_checkpoint(src / "best.pt")["iteration"] == 8
+    line = _error(capsys, "--init-from", str(src), "--data", "phantom_ct:3", "--labeled", "2", "--dim", "2",
+                  "--out", str(tmp_path / "ct"))
+    assert "right ventricle" in line and "liver" in line  # both class lists named
+    line = _error(capsys, "--init-from", str(tmp_path / "nowhere"), "--labeled", "3", "--out", str(tmp_path / "x"))
+    assert "model checkpoint not found" in line
