@@ -121,3 +121,22 @@ def test_bad_warm_starts_are_one_line(sources, tmp_path, capsys):
     assert "right ventricle" in line and "liver" in line  # both class lists named
     line = _error(capsys, "--init-from", str(tmp_path / "nowhere"), "--labeled", "3", "--out", str(tmp_path / "x"))
     assert "model checkpoint not found" in line
+
+
+def test_loop_sim_reveals_the_picks_and_chains_the_versions(tmp_path):
+    """Each round's warm run starts from the previous round's model and adds exactly the suggested volumes;
+    the scratch arm trains the same labeled set for the chain's total iterations."""
+    from semiseg.loop_sim import simulate
+    common = {"patch_size": (32, 32), "labeled_batch": 2, "unlabeled_batch": 2, "val_every": 2, "threads": 1,
+              "device": "cpu", "method": "supervised"}
+    rows = simulate("phantom:5", "entropy", 3, 2, 1, 4, 2, tmp_path, common)
+    assert [r["labeled"] for r in rows] == [1, 2, 3] and [r["iterations"] for r in rows] == [4, 6, 8]
+    seen = {"phantom_000"}
+    for k, r in enumerate(rows[1:], 1):
+        assert len(r["picked"]) == 1 and r["picked"][0] not in seen
+        seen |= set(r["picked"])
+        cfg = json.loads((tmp_path / f"round{k}" / "config.json").read_text())
+        assert cfg["init_from"] == str(tmp_path / f"round{k - 1}") and cfg["iterations"] == 2
+        assert load_checkpoint(tmp_path / f"round{k}" / "best.pt")["meta"]["labeled_cases"] == sorted(seen)
+        assert json.loads((tmp_path / f"round{k}_scratch" / "config.json").read_text())["iterations"] == 4 + 2 * k
+        assert 0 <= r["dice_warm"] <= 1 and 0 <= r["dice_scratch"] <= 1

@@ -181,6 +181,42 @@ def cmd_suggest(ns, reporter) -> int:
     return protocol.EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------ loop-sim
+LOOP_SIM_OWN = ("data", "labeled", "iterations", "seed", "init_from", "finetune_fraction")
+
+
+def cmd_loop_sim(ns, reporter) -> int:
+    from semiseg.loop_sim import format_table, simulate
+    from semiseg.atomic import atomic_write
+    import json
+    common = {k: v for k, v in split_args(ns).items() if k not in LOOP_SIM_OWN}
+    strategies = [s for s in ns.strategies.replace(" ", "").split(",") if s]
+    out = Path(ns.out)
+    results: dict[str, list] = {s: [] for s in strategies}
+    forward = reporter if reporter.json else None
+    for i in range(ns.seeds):
+        seed = ns.seed + i
+        initial = None
+        for s in strategies:
+            d = out / s / f"seed{seed}"
+            rows = simulate(ns.data, s, seed, ns.rounds, ns.per_round, ns.iterations, ns.finetune_iterations, d,
+                            common, scratch=ns.scratch and initial is None or ns.scratch_all, initial=initial,
+                            on_event=forward)
+            initial = initial or d / "round0"  # the strategies of a seed share its round-0 model
+            results[s].append(rows)
+            if not reporter.json:
+                print(f"{s} seed {seed}: " + ", ".join(f"round {r['round']} ({r['labeled']} labeled) "
+                                                      f"{100 * r['dice_warm']:.2f}" for r in rows), flush=True)
+    atomic_write(out / "loop_sim.json", json.dumps(results, indent=2))
+    table = format_table(results)
+    atomic_write(out / "loop_sim.md", table + "\n")
+    if reporter.json:
+        reporter({"event": "loop_sim", "results": results, "path": str(out / "loop_sim.json")})
+    else:
+        print(table)
+    return protocol.EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 def cmd_evaluate(ns, reporter) -> int:
     from semiseg.checkpoint import load_checkpoint, network_from_checkpoint
@@ -583,6 +619,26 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                          "1 - DIVERSITY (0 = off)")
     sg.add_argument("--device", default="auto")
 
+    ls = sub.add_parser("loop-sim", help="simulate the label-correct-retrain loop on a labeled dataset",
+                        description="Start from 1 labeled training volume; each round suggest PER_ROUND volumes, "
+                                    "reveal their ground truth, warm-start a new version (and, for comparison, "
+                                    "train from scratch for the same total iterations); validation Dice per round, "
+                                    "per strategy, over seeds. Example: semiseg loop-sim --data phantom:10 "
+                                    "--strategies entropy,random --seeds 3 --rounds 3 --out sim/")
+    ls.add_argument("--data", required=True, help="a fully labeled dataset: phantom[:N], phantom_ct[:N], a folder")
+    ls.add_argument("--strategies", default="entropy,random", help="comma-separated suggestion strategies")
+    ls.add_argument("--seeds", type=int, default=3, help="seeds SEED ... SEED+N-1")
+    ls.add_argument("--seed", type=int, default=1337)
+    ls.add_argument("--rounds", type=int, default=3)
+    ls.add_argument("--per-round", type=int, default=1, help="volumes revealed per round")
+    ls.add_argument("--iterations", type=int, default=200, help="round-0 training iterations")
+    ls.add_argument("--finetune-iterations", type=int, default=100, help="iterations of each warm-started round")
+    ls.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train from scratch at equal total iterations (first strategy of each seed)")
+    ls.add_argument("--scratch-all", action="store_true", help="the scratch arm for every strategy")
+    ls.add_argument("--out", required=True)
+    add_config_options(ls, "training options of every run (defaults from the preset)", skip=LOOP_SIM_OWN)
+
     e = sub.add_parser("evaluate", help="evaluate a model on a dataset split")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True)
@@ -719,7 +775,8 @@ def main(argv: list[str] | None = None) -> int:
         return protocol.EXIT_OK
     if ns.command in ("devices", "catalog"):
         return cmd_describe(ns)
-    handler = {"plan": cmd_plan, "train": cmd_train, "segment": cmd_segment, "suggest": cmd_suggest, "evaluate": cmd_evaluate, "demo": cmd_demo, "run": cmd_run,
+    handler = {"plan": cmd_plan, "train": cmd_train, "segment": cmd_segment, "suggest": cmd_suggest,
+               "loop-sim": cmd_loop_sim, "evaluate": cmd_evaluate, "demo": cmd_demo, "run": cmd_run,
                "benchmark": cmd_benchmark, "report": cmd_report,
                "bench": cmd_bench}
     try:
