@@ -140,3 +140,41 @@ def test_loop_sim_reveals_the_picks_and_chains_the_versions(tmp_path):
         assert load_checkpoint(tmp_path / f"round{k}" / "best.pt")["meta"]["labeled_cases"] == sorted(seen)
         assert json.loads((tmp_path / f"round{k}_scratch" / "config.json").read_text())["iterations"] == 4 + 2 * k
         assert 0 <= r["dice_warm"] <= 1 and 0 <= r["dice_scratch"] <= 1
+
+
+def _case_list_job(root, src, cases_dir, shifted: bool):
+    """A Slicer-style train job: a case list (corrected segmentations as labelmaps) and init_from."""
+    from semiseg.data.io import write_labelmap, write_volume
+    from semiseg.data.phantom import PHANTOM_CLASSES, make_phantom_case
+    from semiseg.data.volume import Geometry
+    from semiseg_trainer import protocol
+    cases = []
+    for i in range(3):
+        image, label = make_phantom_case(i, seed=0)
+        write_volume(cases_dir / f"c{i}.nrrd", image)
+        g = label.geometry
+        if shifted and i == 2:  # the corrected segmentation sits on another grid than its volume
+            g = Geometry(g.spacing, tuple(o + 5.0 for o in g.origin), g.direction)
+        write_labelmap(cases_dir / f"c{i}_seg.nrrd", label.array, g)
+        cases.append({"name": f"c{i}", "image": str(cases_dir / f"c{i}.nrrd"),
+                      "label": str(cases_dir / f"c{i}_seg.nrrd"), "split": "train"})
+    protocol.write_job(root, {"task": "train", "config": {
+        "init_from": str(src), "iterations": 1, "threads": 1, "device": "cpu", "val_every": 0,
+        "cache_dir": str(root / "cache")},
+        "dataset": {"classes": [c.to_dict() for c in PHANTOM_CLASSES], "cases": cases}})
+    return root
+
+
+def test_retrain_job_from_a_case_list_and_a_segmentation_on_another_grid(sources, tmp_path):
+    from semiseg_trainer import protocol
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    job = _case_list_job(tmp_path / "ok", sources["supervised"], cases, shifted=False)
+    assert main(["--json", "run", "--job", str(job)]) == 0
+    started = next(e for e in protocol.read_events(job) if e["event"] == "started")
+    assert started["warm_start"]["init_from"] == str(sources["supervised"] / "best.pt")
+    assert json.loads((job / "run" / "metrics.json").read_text())["labeled_cases"] == 3
+    job = _case_list_job(tmp_path / "bad", sources["supervised"], cases, shifted=True)
+    assert main(["--json", "run", "--job", str(job)]) == 2
+    errors = [e for e in protocol.read_events(job) if e["event"] == "error"]
+    assert len(errors) == 1 and "c2_seg.nrrd does not share the grid of image" in errors[0]["message"]
