@@ -200,7 +200,7 @@ def cmd_loop_sim(ns, reporter) -> int:
         for s in strategies:
             d = out / s / f"seed{seed}"
             rows = simulate(ns.data, s, seed, ns.rounds, ns.per_round, ns.iterations, ns.finetune_iterations, d,
-                            common, scratch=ns.scratch and initial is None or ns.scratch_all, initial=initial,
+                            common, scratch=(ns.scratch and initial is None) or ns.scratch_all, initial=initial,
                             on_event=forward)
             initial = initial or d / "round0"  # the strategies of a seed share its round-0 model
             results[s].append(rows)

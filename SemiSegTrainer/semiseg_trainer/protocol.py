@@ -12,6 +12,8 @@ finished {status: completed|cancelled}, error {message[, details]}. Under a time
     {"schema": 1, "task": "train", "config": {TrainConfig fields}, "resume": false,
      "dataset": {"classes": [{"value", "name", "color"[, "terminology"]}],     # optional: fixed class table
                  "cases": [{"name", "image", "label" (or null), "split": train|val}]}}   # paths relative to the job
+    # config "init_from": PATH warm-starts from an earlier model (semiseg.finetune); its "started" event
+    # then carries "warm_start" {init_from, source_iterations, finetune_iterations, source_labeled_cases, teacher}
     {"schema": 1, "task": "segment", "model": PATH, "inputs": [PATH, ...], "device": "auto",
      "uncertainty": false}     # true: NAME.uncertainty.nrrd + "uncertainty"/"uncertainty_score" in predicted
                                # events + uncertainty.csv (input, score) in the outputs folder
