@@ -485,6 +485,7 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         self._observers: list[tuple] = []
         self._callbacks = (None, None, None)
         self._segmentOptions = {}
+        self._retrainLineage = None   # set while a retrain runs: its model becomes the lineage's next version
         self.restoreFromScene()
 
     def setWorkspace(self, path):
@@ -679,10 +680,12 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         device = spec.get("config", {}).get("device", "auto")
         return self._start("train", job, device, waitForCompletion, progressCallback, logCallback, finishedCallback, timeout)
 
-    def segment(self, volumes, model=None, device="auto", show3D=False, waitForCompletion=True,
+    def segment(self, volumes, model=None, device="auto", show3D=False, uncertainty=False, waitForCompletion=True,
                 progressCallback=None, logCallback=None, finishedCallback=None, timeout=None):
         """Segment volume nodes with ``model`` (a saved model folder/file) or the current model. Blocking:
-        returns the new segmentation nodes (``"<volume> SemiSeg"``)."""
+        returns the new segmentation nodes (``"<volume> SemiSeg"``). ``uncertainty``: also load each volume's
+        voxel uncertainty map (``"<volume> SemiSeg uncertainty"``, in ``result.uncertaintyNodes``; scores in
+        ``result.uncertaintyScores``)."""
         from SemiSegSlicerLib import mrml_export
         from semiseg_trainer import protocol
         self._refuseConcurrent()
@@ -692,11 +695,97 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
             raise ValueError("no model: train one, or load a saved model")
         job = self.newJobDir("segment")
         inputs = mrml_export.export_segment_inputs(job, list(volumes))
-        protocol.write_job(job, mrml_export.segment_job_spec(inputs, self.model["checkpoint"], device))
+        spec = mrml_export.segment_job_spec(inputs, self.model["checkpoint"], device)
+        if uncertainty:
+            spec["uncertainty"] = True
+        protocol.write_job(job, spec)
         self._segmentOptions = {"show3D": show3D}
         result = self._start("segment", job, device, waitForCompletion, progressCallback, logCallback,
                              finishedCallback, timeout)
         return getattr(result, "nodes", None) if waitForCompletion else None
+
+    # ------------------------------------------------------------------ the labeling loop
+    def suggestNext(self, volumes, n=1, strategy="entropy", model=None, device="auto", waitForCompletion=True,
+                    progressCallback=None, logCallback=None, finishedCallback=None, timeout=None):
+        """Rank unlabeled volume nodes by how much labeling them would teach the model (``strategy``: entropy,
+        margin, teacher-disagreement or random; the ``n`` picks are kept diverse). Blocking: returns the
+        ranking, best first: ``[{"node", "score", "picked", "slice", "ras"}]`` (``ras``: the centre of the
+        volume's most uncertain slice); also ``result.ranking`` for ``finishedCallback``."""
+        from SemiSegSlicerLib import mrml_export
+        from semiseg_trainer import protocol
+        self._refuseConcurrent()
+        if model is not None:
+            self.loadModel(model)
+        if self.model is None:
+            raise ValueError("no model: train one, or load a saved model")
+        if not volumes:
+            raise ValueError("no unlabeled volume to rank: check the unlabeled volumes")
+        job = self.newJobDir("suggest")
+        inputs = mrml_export.export_segment_inputs(job, list(volumes))
+        spec = mrml_export.segment_job_spec(inputs, self.model["checkpoint"], device)
+        spec.update(task="suggest", n=int(n), strategy=strategy)
+        protocol.write_job(job, spec)
+        result = self._start("suggest", job, device, waitForCompletion, progressCallback, logCallback,
+                             finishedCallback, timeout)
+        return getattr(result, "ranking", None) if waitForCompletion else None
+
+    def showSuggestion(self, entry) -> None:
+        """Show a ranked volume in the slice views at its most uncertain slice (Slicer only)."""
+        slicer.util.setSliceViewerLayers(background=entry["node"], fit=True)
+        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *entry["ras"])
+
+    def addToLabeled(self, segmentationNode, volumeNode=None):
+        """A corrected segmentation (e.g. a SemiSeg result edited in the Segment Editor) joins the labeled cases:
+        its segments must be classes of the current model and take their names, colours and terminology; its
+        volume leaves the unlabeled and to-segment lists. Returns the (segmentation, volume) pair."""
+        from SemiSegSlicerLib import labeling
+        if self.model is None:
+            raise ValueError("no model: the classes of a corrected segmentation are checked against the model's")
+        labeling.adopt_classes(segmentationNode, self.model.get("classes", []))
+        (pair,) = self.pairCases([segmentationNode], {segmentationNode.GetID(): volumeNode.GetID()} if volumeNode else None)
+        state = self.panelState()
+        if segmentationNode.GetID() not in state.labeled:
+            state.labeled.append(segmentationNode.GetID())
+        if volumeNode is not None:
+            state.source_overrides[segmentationNode.GetID()] = volumeNode.GetID()
+        volumeId = pair[1].GetID()
+        state.unlabeled = [v for v in state.unlabeled if v != volumeId]
+        state.to_segment = [v for v in state.to_segment if v != volumeId]
+        self.savePanelState(state)
+        return pair
+
+    def retrain(self, labeled, unlabeled=(), iterations=0, device="auto", extraConfig=None, **kwargs):
+        """Train again from the current model (warm start: its weights and EMA teacher, a fresh optimiser and
+        the engine's shorter ``finetune`` schedule unless ``iterations`` is given) on the labeled cases as they
+        are now. The model it starts from is kept; the new model is saved as the next version of its lineage
+        (``WORKSPACE/models/<lineage>/vN``). Other arguments as :meth:`train`."""
+        from SemiSegSlicerLib import models
+        if self.model is None:
+            raise ValueError("no model to start from: train one, or load a saved model")
+        source = self.model
+        config = source.get("config", {})
+        lineage = models.lineage_of(source)
+        if lineage is None:  # the first retrain of a model: it becomes v1 of a new lineage
+            job = Path(source.get("source_job", ""))
+            lineage = Path(self.workspace) / "models" / (job.name or Path(source["checkpoint"]).parent.name)
+            if not models.versions(lineage):
+                models.save_version(job, lineage)
+        self._retrainLineage = lineage
+        try:
+            return self.train(labeled, unlabeled, method=config.get("method", "mean_teacher"),
+                              dim=int(config.get("dim") or 3), iterations=iterations, device=device,
+                              extraConfig={**(extraConfig or {}), "init_from": source["checkpoint"]}, **kwargs)
+        except Exception:
+            if not self.isRunning:
+                self._retrainLineage = None  # nothing started: the next training is not a version
+            raise
+
+    def modelVersions(self) -> list:
+        """The versions of the current model's lineage (v1, v2, ...) with validation Dice and labeled-case
+        count; [] when the model is not a saved version."""
+        from SemiSegSlicerLib import models
+        lineage = models.lineage_of(self.model or {})
+        return models.versions(lineage) if lineage else []
 
     def cancel(self):
         """Graceful: the trainer checkpoints and exits; its process tree is killed after a grace period."""
@@ -786,17 +875,27 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
                 cb(text)
 
     def _onFinished(self, result):
-        from SemiSegSlicerLib import models, mrml_import
-        result.nodes = []
+        from SemiSegSlicerLib import labeling, models, mrml_import
+        result.nodes, result.uncertaintyNodes, result.uncertaintyScores, result.ranking = [], [], [], []
         try:
             if result.ok and self.task == "train":
-                self.model = models.job_model_info(result.job_dir)
-                self._updateState(model=str(result.job_dir))  # reloads from the job's JSON files, no torch
+                lineage, self._retrainLineage = self._retrainLineage, None
+                if lineage is not None:  # a retrain: the new model is the lineage's next version
+                    version = models.save_version(result.job_dir, lineage)
+                    self.model = models.load_model_info(version)
+                    self._updateState(model=str(version))
+                else:
+                    self.model = models.job_model_info(result.job_dir)
+                    self._updateState(model=str(result.job_dir))  # reloads from the job's JSON files, no torch
             elif result.ok and self.task == "segment":
                 result.nodes = mrml_import.import_job_predictions(
                     slicer.mrmlScene, result.job_dir, classes=self.model.get("classes") if self.model else None,
                     show3d=self._segmentOptions.get("show3D", False))
                 self.lastSegmentations = result.nodes
+                result.uncertaintyNodes, result.uncertaintyScores = labeling.import_job_uncertainty(
+                    slicer.mrmlScene, result.job_dir)
+            elif result.ok and self.task == "suggest":
+                result.ranking = labeling.job_ranking(slicer.mrmlScene, result.job_dir)
         except Exception as e:  # noqa: BLE001 - report, never lose the result
             result.status, result.message, result.details = "failed", f"loading the results failed: {e}", ""
         for cb in [self._callbacks[2]] + [o[2] for o in self._observers]:

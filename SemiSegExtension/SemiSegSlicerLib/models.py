@@ -1,7 +1,10 @@
 """Saved models: a folder with ``model.pt`` (the trainer's best checkpoint: a plain network, its
 config and the class table) and ``model.json`` (what the panel shows and re-applies to predictions:
 class names, colours and terminology of the training segmentations, method, configuration,
-validation metrics, where it came from). No Qt, no torch for reading ``model.json``.
+validation metrics, labeled-case count, where it came from). No Qt, no torch for reading ``model.json``.
+
+Versions: the correct-and-retrain loop keeps every model it makes as ``LINEAGE/v1``, ``LINEAGE/v2``, ...
+(each a saved-model folder); a retrain starts from one version and adds the next, never overwriting one.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ def job_model_info(job_dir) -> dict:
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else spec.get("config", {})
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     classes = spec.get("dataset", {}).get("classes", [])
+    cases = spec.get("dataset", {}).get("cases", [])
+    labeled = sum(1 for c in cases if c.get("label") and c.get("split", "train") == "train")
     if not classes:  # a job without a Slicer class table (e.g. a named dataset): the checkpoint's own
         from semiseg.checkpoint import load_checkpoint
         classes = load_checkpoint(ckpt)["meta"].get("classes", [])
@@ -41,6 +46,7 @@ def job_model_info(job_dir) -> dict:
         "method": config.get("method", ""), "classes": classes,
         "config": config, "best_val_dice": metrics.get("best_val_dice"),
         "selected_iteration": metrics.get("selected_iteration"), "source_job": str(job),
+        "labeled_cases": labeled, "init_from": config.get("init_from", ""),
         "checkpoint": str(ckpt),
     }
 
@@ -54,7 +60,9 @@ def save_model(job_dir, dest_dir, name: str | None = None) -> Path:
     shutil.copyfile(info["checkpoint"], tmp)
     tmp.replace(dest / MODEL_FILE)
     info.update(name=name or dest.name, checkpoint=MODEL_FILE)
-    (dest / INFO_FILE).write_text(json.dumps(info, indent=2))
+    tmp = dest / (INFO_FILE + ".tmp")  # model.json last and whole: a folder with it is a complete model
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(dest / INFO_FILE)
     return dest
 
 
@@ -87,3 +95,37 @@ def load_model_info(path) -> dict:
     return {"format": FORMAT, "version": 1, "name": ckpt.parent.name, "method": meta["meta"].get("method", ""),
             "classes": meta["meta"].get("classes", []), "config": meta.get("config", {}),
             "checkpoint": str(ckpt), "best_val_dice": (meta.get("metrics") or {}).get("val_dice")}
+
+
+VERSION_PREFIX = "v"
+
+
+def versions(lineage_dir) -> list[dict]:
+    """The saved versions of a lineage, oldest first, each its model info plus ``version`` (1, 2, ...)."""
+    root = Path(lineage_dir)
+    out = []
+    if root.is_dir():
+        for folder in root.iterdir():
+            number = folder.name[len(VERSION_PREFIX):]
+            if folder.name.startswith(VERSION_PREFIX) and number.isdigit() and (folder / INFO_FILE).is_file():
+                out.append({**load_model_info(folder), "version": int(number), "folder": str(folder)})
+    return sorted(out, key=lambda v: v["version"])
+
+
+def save_version(job_dir, lineage_dir) -> Path:
+    """Save a finished training job as the lineage's next version (``vN+1``); earlier versions are untouched."""
+    existing = versions(lineage_dir)
+    number = existing[-1]["version"] + 1 if existing else 1
+    dest = Path(lineage_dir) / f"{VERSION_PREFIX}{number}"
+    if dest.exists():
+        raise ModelError(f"{dest} exists but is not a complete model version: move it away first")
+    return save_model(job_dir, dest, name=f"{Path(lineage_dir).name} {VERSION_PREFIX}{number}")
+
+
+def lineage_of(info: dict) -> Path | None:
+    """The lineage folder of a model that is a saved version (``.../LINEAGE/vN/model.pt``), else None."""
+    folder = Path(info.get("checkpoint", "")).parent
+    number = folder.name[len(VERSION_PREFIX):]
+    if folder.name.startswith(VERSION_PREFIX) and number.isdigit() and (folder / INFO_FILE).is_file():
+        return folder.parent
+    return None

@@ -195,7 +195,7 @@ def world_ijk_to_ras(node) -> np.ndarray:
     return world @ ijk
 
 
-def _vtk_matrix(a: np.ndarray):
+def vtk_matrix(a: np.ndarray):
     import vtk
     m = vtk.vtkMatrix4x4()
     for r in range(4):
@@ -217,7 +217,7 @@ def write_volume_file(node, path: Path, ijk_to_ras: np.ndarray | None = None) ->
                           f"voxel; SemiSeg needs a scalar (grey-level) volume")
     tmp = slicer.vtkMRMLLabelMapVolumeNode() if node.IsA("vtkMRMLLabelMapVolumeNode") else slicer.vtkMRMLScalarVolumeNode()
     tmp.SetAndObserveImageData(image)
-    tmp.SetIJKToRASMatrix(_vtk_matrix(world_ijk_to_ras(node) if ijk_to_ras is None else ijk_to_ras))
+    tmp.SetIJKToRASMatrix(vtk_matrix(world_ijk_to_ras(node) if ijk_to_ras is None else ijk_to_ras))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
@@ -425,7 +425,7 @@ def export_training_data(scene, job_dir, labeled_pairs, unlabeled_volumes=(), va
 def _write_labelmap(array: np.ndarray, volume_node, path: Path, world: np.ndarray) -> None:
     slicer = _slicer()
     tmp = slicer.vtkMRMLLabelMapVolumeNode()
-    tmp.SetIJKToRASMatrix(_vtk_matrix(world))
+    tmp.SetIJKToRASMatrix(vtk_matrix(world))
     slicer.util.updateVolumeFromArray(tmp, np.ascontiguousarray(array))
     tmp.SetName(volume_node.GetName() + " labels")
     write_volume_file(tmp, path, world)
