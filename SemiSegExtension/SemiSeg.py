@@ -119,11 +119,20 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.refreshEngineButton.connect("clicked(bool)", self.onRefreshEngine)
         self.ui.cleanUpJobsButton.connect("clicked(bool)", self.onCleanUpJobs)
+        self.ui.suggestButton.connect("clicked(bool)", self.onSuggestButton)
+        self.ui.addToLabeledButton.connect("clicked(bool)", self.onAddToLabeled)
+        self.ui.retrainButton.connect("clicked(bool)", self.onRetrainButton)
+        self.ui.loadVersionButton.connect("clicked(bool)", self.onLoadVersion)
+        self.ui.correctedSegmentationComboBox.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.workspacePathLineEdit.connect("currentPathChanged(QString)", self.onWorkspaceChanged)
         self.logic.addObserverCallbacks(self.onJobEvent, self.onJobLog, self.onJobFinished)
 
         self.ui.dimensionComboBox.addItem(_tr("3D (V-Net on patches)"), 3)
         self.ui.dimensionComboBox.addItem(_tr("2D (U-Net on slices)"), 2)
+        for value, label in (("entropy", _tr("uncertainty (entropy)")), ("margin", _tr("uncertainty (margin)")),
+                             ("teacher-disagreement", _tr("disagreement with the EMA teacher")),
+                             ("random", _tr("random (for comparison)"))):
+            self.ui.suggestStrategyComboBox.addItem(label, value)
         self.populateFromEngine()
         self.updateGUIFromParameterNode()
 
@@ -389,7 +398,8 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.setupDependencies(ask=True)
             self.logic.segment(self.ui.segmentVolumesComboBox.checkedNodes(),
                                device=self.ui.deviceComboBox.currentData or "auto",
-                               show3D=self.ui.show3DCheckBox.checked, waitForCompletion=False)
+                               show3D=self.ui.show3DCheckBox.checked, uncertainty=self.ui.uncertaintyCheckBox.checked,
+                               waitForCompletion=False)
         self.updateButtons()
 
     def onSaveModel(self):
@@ -407,6 +417,34 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_tr("Cleaning up the job folders failed."), waitCursor=True):
             removed = self.logic.cleanUpJobs(self.ui.keepJobsSpinBox.value)
             self.log(_tr("Deleted job folders: ") + str(len(removed)))
+        self.updateButtons()
+
+    def onSuggestButton(self):
+        with slicer.util.tryWithErrorDisplay(_tr("Ranking the unlabeled volumes could not start."), waitCursor=True):
+            self.logic.suggestNext(self.ui.unlabeledVolumesComboBox.checkedNodes(), n=1,
+                                   strategy=self.ui.suggestStrategyComboBox.currentData,
+                                   device=self.ui.deviceComboBox.currentData or "auto", waitForCompletion=False)
+        self.updateButtons()
+
+    def onAddToLabeled(self):
+        with slicer.util.tryWithErrorDisplay(_tr("The segmentation could not join the labeled cases."), waitCursor=True):
+            seg, volume = self.logic.addToLabeled(self.ui.correctedSegmentationComboBox.currentNode())
+            self.log(_tr("Labeled case added: ") + f"{seg.GetName()} ({volume.GetName()})")
+        self.updateGUIFromParameterNode()
+
+    def onRetrainButton(self):
+        with slicer.util.tryWithErrorDisplay(_tr("Retraining could not start."), waitCursor=True):
+            self.ui.logPlainTextEdit.clear()
+            self.logic.retrain(self.labeledPairs(), unlabeled=self.ui.unlabeledVolumesComboBox.checkedNodes(),
+                               iterations=self.ui.iterationsSpinBox.value,
+                               device=self.ui.deviceComboBox.currentData or "auto",
+                               extraConfig=self.trainingOptions(), waitForCompletion=False)
+            self.logic.showPlot()
+        self.updateButtons()
+
+    def onLoadVersion(self):
+        with slicer.util.tryWithErrorDisplay(_tr("The version could not be loaded."), waitCursor=True):
+            self.logic.loadModel(self.ui.versionsComboBox.currentData)
         self.updateButtons()
 
     def onShowPlot(self):
@@ -432,6 +470,17 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                      f"\n\nJob folder (kept): {result.job_dir}")
         for node in getattr(result, "nodes", []) or []:
             self.ui.segmentationShow3DButton.setSegmentationNode(node)
+        for node, score in zip(getattr(result, "uncertaintyNodes", []), getattr(result, "uncertaintyScores", [])):
+            self.log(f"{node.GetName()}: score {score:.3f}")
+        if getattr(result, "uncertaintyNodes", None):
+            slicer.util.setSliceViewerLayers(foreground=result.uncertaintyNodes[-1], foregroundOpacity=0.4)
+        ranking = getattr(result, "ranking", None)
+        if ranking:
+            best = ranking[0]
+            self.ui.suggestionLabel.text = (_tr("Label next: ") + f"{best['node'].GetName()} (score {best['score']:.3f}, "
+                                            + _tr("most uncertain slice ") + f"{best['slice']})")
+            self.logic.showSuggestion(best)
+            self.ui.correctedSegmentationComboBox.setCurrentNode(None)
         self.updateButtons()
 
     def log(self, text):
@@ -449,6 +498,15 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeButton.enabled = not running and self.logic.canResume()
         self.ui.saveModelButton.enabled = not running and self.logic.model is not None
         self.ui.modelLabel.text = self.logic.modelDescription()
+        has_model = not running and self.logic.model is not None
+        self.ui.suggestButton.enabled = has_model and bool(self.ui.unlabeledVolumesComboBox.checkedNodes())
+        self.ui.addToLabeledButton.enabled = has_model and self.ui.correctedSegmentationComboBox.currentNode() is not None
+        self.ui.retrainButton.enabled = has_model and bool(self.ui.labeledSegmentationsComboBox.checkedNodes())
+        self.ui.versionsComboBox.clear()
+        for v in self.logic.modelVersions():
+            dice = f", Dice {100 * v['best_val_dice']:.1f}%" if v.get("best_val_dice") else ""
+            self.ui.versionsComboBox.addItem(f"v{v['version']}: {v['labeled_cases']} labeled{dice}", v["folder"])
+        self.ui.loadVersionButton.enabled = not running and self.ui.versionsComboBox.count > 0
         if not running:
             self.ui.progressBar.format = "%p%"
 
@@ -915,6 +973,10 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
             return f"checkpoint at iteration {e.get('iteration')}"
         if kind == "predicted":
             return f"segmented {Path(str(e.get('input', ''))).name} ({e.get('index')}/{e.get('total')})"
+        if kind == "suggested":
+            ranking = e.get("ranking", [])
+            best = Path(str(ranking[0]["input"])).name if ranking else "-"
+            return f"ranked {len(ranking)} volume(s); label next: {best}"
         if kind == "error":
             return f"error: {e.get('message')}"
         return str(e.get("message", e))

@@ -165,7 +165,7 @@ def test_ui_parses_and_declares_every_custom_widget():
     # the sections of the panel, Advanced collapsed; progress, status and log outside every section
     sections = {w.get("name"): w for w in widgets if w.get("class") == "ctkCollapsibleButton"}
     titles = [s.find("property[@name='text']/string").text for s in sections.values()]
-    assert titles == ["Inputs", "Method", "Training", "Inference", "Advanced"]
+    assert titles == ["Inputs", "Method", "Training", "Inference", "Label next", "Advanced"]
     assert sections["advancedCollapsibleButton"].find("property[@name='collapsed']/bool").text == "true"
     top_level = [w.get("name") for w in top.find("layout").findall("item/widget")]
     assert top_level[-3:] == ["progressBar", "statusLabel", "logPlainTextEdit"]
@@ -212,7 +212,7 @@ def test_module_file_structure_and_widget_names_exist_in_ui():
     assert "runTest" in test_methods and any(m.startswith("test_") for m in test_methods)
 
 
-QT_FREE = ["mrml_export", "mrml_import", "plotting", "catalog", "models", "process", "jobs", "parameters",
+QT_FREE = ["mrml_export", "mrml_import", "plotting", "catalog", "models", "process", "jobs", "parameters", "labeling",
            "optionform"]
 
 
