@@ -823,11 +823,12 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         source = self.model
         config = source.get("config", {})
         lineage = models.lineage_of(source)
-        if lineage is None:  # the first retrain of a model: it becomes v1 of a new lineage
+        if lineage is None:  # the first retrain of a model: it becomes v1 of a new lineage, and starts from there
             job = Path(source.get("source_job", ""))
             lineage = Path(self.workspace) / "models" / (job.name or Path(source["checkpoint"]).parent.name)
-            if not models.versions(lineage):
-                models.save_version(job, lineage)
+            existing = models.versions(lineage)
+            source = existing[-1] if existing else models.load_model_info(models.save_version(job, lineage))
+            config = source.get("config", config)
         self._retrainLineage = lineage
         try:
             return self.train(labeled, unlabeled, method=config.get("method", "mean_teacher"),

@@ -112,3 +112,68 @@ def test_model_versions_are_kept_side_by_side(tmp_path):
     assert len(models.versions(lineage)) == 2
     with pytest.raises(models.ModelError, match="v3 exists but is not a complete model version"):
         models.save_version(second, lineage)
+
+
+from test_slicer_mrml import disk_volume, semiseg_module, standin, tiny_scene_and_logic  # noqa: E402,F401
+
+
+def test_label_next_correct_and_retrain_on_a_real_scene(scene, tmp_path, semiseg_module, standin):
+    """The loop through the Logic with real trainer processes: rank the unlabeled volumes, segment the best one
+    with its uncertainty map, a corrected segmentation joins the labeled cases, the retrain warm-starts from the
+    model (its first-iteration loss is the loaded model's loss on the same batch) and becomes version v2 while
+    v1 stays as it was."""
+    import shutil
+    from test_finetune import reference_first_loss
+    logic, seg, unlabeled = tiny_scene_and_logic(scene, tmp_path, semiseg_module)
+    exact = {"threads": 1, "log_every": 1, "deterministic": True, "precision": "fp32", "channels_last": False,
+             "foreground_share": 0.0}  # uniform draws: the reference below draws its batch the same way
+    logic.train([seg], unlabeled=unlabeled, method="mean_teacher", dim=2, iterations=6, labeledBatch=2,
+                unlabeledBatch=2, device="cpu", patchSize=(32, 32), extraConfig=exact, timeout=240)
+
+    ranking = logic.suggestNext(unlabeled, n=1, strategy="entropy", device="cpu", timeout=240)
+    assert sorted(r["node"].GetID() for r in ranking) == sorted(v.GetID() for v in unlabeled)
+    assert [r["picked"] for r in ranking] == [True, False] and ranking[0]["score"] >= ranking[1]["score"]
+    best = ranking[0]
+    assert best["ras"] == pytest.approx(labeling.slice_center_ras(best["node"], best["slice"]))
+
+    finished = []
+    (prediction,) = logic.segment([best["node"]], device="cpu", uncertainty=True, finishedCallback=finished.append,
+                                  timeout=240)
+    (umap,) = finished[0].uncertaintyNodes
+    assert umap.GetName() == f"{best['node'].GetName()} SemiSeg uncertainty"
+    values = slicer.util.arrayFromVolume(umap)
+    assert values.shape == slicer.util.arrayFromVolume(best["node"]).shape and 0 <= values.min() <= values.max() <= 1
+    assert 0 <= finished[0].uncertaintyScores[0] <= 1
+
+    # the user corrects the result (here: draws the true disk, named in other case) and adds it
+    shift = unlabeled.index(best["node"]) + 1
+    _, disk = disk_volume(slicer.vtkMRMLScene(), "truth", shift)
+    corrected = add_segmentation(scene, "corrected", best["node"], [("DISK", disk, (0.5, 0.5, 0.5))])
+    assert logic.addToLabeled(corrected) == (corrected, best["node"])
+    state = logic.panelState()
+    assert corrected.GetID() in state.labeled and best["node"].GetID() not in state.unlabeled
+    assert [g.GetName() for _, g in ex.segments_of(corrected)] == ["disk"]
+
+    first_model = Path(logic.model["checkpoint"])
+    events = []
+    others = [v for v in unlabeled if v is not best["node"]]
+    result = logic.retrain([seg, corrected], unlabeled=others, iterations=2, device="cpu", extraConfig=exact,
+                           progressCallback=lambda p, e: events.append(e), timeout=240)
+    assert result.status == "completed"
+    versions = logic.modelVersions()
+    assert [(v["version"], v["labeled_cases"]) for v in versions] == [(1, 1), (2, 2)]
+    v1, v2 = (Path(v["folder"]) for v in versions)
+    assert (v1 / "model.pt").read_bytes() == first_model.read_bytes()  # v1 is the model trained first, kept
+    assert versions[1]["init_from"] == str(v1 / "model.pt") and Path(logic.model["checkpoint"]) == v2 / "model.pt"
+    started = next(e for e in events if e["event"] == "started")
+    assert started["warm_start"]["init_from"] == str(v1 / "model.pt")
+    # warm start verified: the first iteration's loss is v1's loss on the same first batch
+    source = tmp_path / "v1-as-run"
+    source.mkdir()
+    shutil.copyfile(v1 / "model.pt", source / "best.pt")
+    run = Path(logic.lastTrainingJob) / "run"
+    config = json.loads((run / "config.json").read_text())  # the configuration the retrain ran with
+    first = next(e for e in map(json.loads, (run / "progress.jsonl").read_text().splitlines())
+                 if e["event"] == "iteration")
+    assert first["iteration"] == 1
+    assert first["loss"] == pytest.approx(reference_first_loss(source, config), abs=2e-6)
