@@ -311,17 +311,24 @@ def test_ss_net_acdc_total_loss_and_weight():
     assert terms["sep_l"].item() > 0 and terms["sep_u"].item() > 0 and terms["lds"].item() > 0
 
 
+def ss_net_without_dropout(**options):
+    """SS-Net's ACDC method on a dropout-free bilinear UNet with the same initial weights (seed 0), in train
+    mode, with ``options`` changed from its ACDC defaults."""
+    torch.manual_seed(0)
+    net = build_network("unet", num_classes=4, upsampling="bilinear", dropout=(0, 0, 0, 0, 0))
+    cls = get_method("ss_net")
+    o = cls.default_options("acdc", 2)
+    for name, value in options.items():
+        setattr(o, name, value)
+    return cls(net, o, MethodContext(dim=2, num_classes=4, iterations=30000, preset="acdc")).train()
+
+
 def test_vat_grad_early_gives_the_same_loss_and_gradients():
     """The memory-saving carrier (VAT graph consumed before the main forward) changes no number."""
     b = two_stream()
     grads, values = [], []
     for early in (False, True):
-        torch.manual_seed(0)
-        net = build_network("unet", num_classes=4, upsampling="bilinear", dropout=(0, 0, 0, 0, 0))
-        cls = get_method("ss_net")
-        o = cls.default_options("acdc", 2)
-        o.vat_grad_early = early
-        m = cls(net, o, MethodContext(dim=2, num_classes=4, iterations=30000, preset="acdc")).train()
+        m = ss_net_without_dropout(vat_grad_early=early)
         torch.manual_seed(5)  # without dropout the only random draw is the VAT start direction
         terms = m.losses(b, 20000)
         terms["loss"].backward()
@@ -341,12 +348,8 @@ def test_vat_target_reuse_saves_one_forward_and_changes_no_number_without_dropou
     b = two_stream()
     grads, values, forwards, tracked = [], [], [], []
     for reuse in (False, True):
-        torch.manual_seed(0)
-        net = build_network("unet", num_classes=4, upsampling="bilinear", dropout=(0, 0, 0, 0, 0))
-        cls = get_method("ss_net")
-        o = cls.default_options("acdc", 2)
-        o.vat_reuse_target = reuse
-        m = cls(net, o, MethodContext(dim=2, num_classes=4, iterations=30000, preset="acdc")).train()
+        m = ss_net_without_dropout(vat_reuse_target=reuse)
+        net = m.student
         calls = []
         net.register_forward_hook(lambda mod, inp, out: calls.append(1))
         torch.manual_seed(5)  # without dropout the only random draw is the VAT start direction

@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from semiseg.atomic import atomic_write
 from semiseg.errors import SemiSegError
 
 CATALOG_TIMEOUT_S = 300.0
@@ -143,10 +144,7 @@ def load(cache_dir, command: list[str], env: dict, package_roots: list[str], ref
             pass  # a torn or foreign file: ask the trainer again
     data = query(command, env, creationflags=creationflags)
     catalog = Catalog(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data))
     return catalog
 
 

@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from semiseg.atomic import atomic_path, atomic_write
 from semiseg.errors import SemiSegError
 
 MODEL_FILE = "model.pt"
@@ -56,13 +57,10 @@ def save_model(job_dir, dest_dir, name: str | None = None) -> Path:
     info = job_model_info(job_dir)
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / (MODEL_FILE + ".tmp")
-    shutil.copyfile(info["checkpoint"], tmp)
-    tmp.replace(dest / MODEL_FILE)
+    with atomic_path(dest / MODEL_FILE) as tmp:
+        shutil.copyfile(info["checkpoint"], tmp)
     info.update(name=name or dest.name, checkpoint=MODEL_FILE)
-    tmp = dest / (INFO_FILE + ".tmp")  # model.json last and whole: a folder with it is a complete model
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(dest / INFO_FILE)
+    atomic_write(dest / INFO_FILE, json.dumps(info, indent=2))  # last and whole: with it the folder is a complete model
     return dest
 
 
