@@ -93,3 +93,32 @@ def write_evaluation(out: str | Path, name: str, summary: dict, results: list[Ca
     w.writerows(rows)
     atomic_write(out / f"{name}.csv", table.getvalue())
     return out / f"{name}.json", out / f"{name}.csv"
+
+
+def evaluate_model(model: str | Path, data: str, split: str = "val", *, labeled: int | None = None,
+                   val_split: str | None = None, test_split: str | None = None, empty: str = "zero",
+                   lcc: bool | None = None, device: str = "auto", out: str | Path | None = None) -> tuple[dict, Path]:
+    """``semiseg evaluate``: a checkpoint (file or run folder) scored on a split of ``data``, written as
+    ``OUT/evaluate_SPLIT.json`` and ``.csv`` (``out`` default: the model's folder). Returns the summary
+    (with model, data, split, empty and lcc) and the folder written to."""
+    from .checkpoint import load_checkpoint, network_from_checkpoint
+    from .data.datasets import load_dataset
+    from .errors import SemiSegError
+    from .train.device import select_device
+    dev = select_device(device)
+    ckpt = load_checkpoint(model)
+    net = network_from_checkpoint(ckpt, dev)
+    meta = ckpt["meta"]
+    # the class matching the model was trained with (its --class-map) applies to the evaluated files too
+    splits = load_dataset(data, labeled, val_split, test_split, meta["dim"],
+                          class_map=ckpt.get("config", {}).get("class_map", ""))
+    refs = {"val": splits.val, "test": splits.test}[split]
+    if not refs:
+        raise SemiSegError(f"{data} has no '{split}' cases (give --{split}-split PATH)")
+    res = evaluate_cases(net, refs, meta, full=True, empty=empty, lcc=lcc, half=dev.type == "cuda")
+    s = summarize(res)
+    s.update(model=ckpt["path"], data=data, split=split, empty=empty,
+             lcc=bool(lcc if lcc is not None else meta.get("lcc")))
+    folder = Path(out) if out else Path(ckpt["path"]).parent
+    write_evaluation(folder, f"evaluate_{split}", s, res)
+    return s, folder

@@ -80,6 +80,32 @@ def simulate(data: str, strategy: str, seed: int, rounds: int, per_round: int, i
     return rows
 
 
+def simulate_strategies(data: str, strategies: list[str], seeds: list[int], rounds: int, per_round: int,
+                        iterations: int, finetune_iterations: int, out: str | Path, common: dict | None = None,
+                        scratch: bool = True, scratch_all: bool = False,
+                        on_event: Callable[[dict], None] | None = None,
+                        on_rows: Callable[[str, int, list[dict]], None] | None = None) -> dict[str, list[list[dict]]]:
+    """Every strategy at every seed (runs under ``OUT/STRATEGY/seedS/``): the strategies of a seed share its
+    round-0 model, and the scratch arm runs for the first strategy of each seed (for every one with
+    ``scratch_all``). ``on_rows(strategy, seed, rows)`` after each simulation. Writes ``OUT/loop_sim.json``
+    (strategy -> per seed -> rows) and ``OUT/loop_sim.md`` (:func:`format_table`); returns the former."""
+    out = Path(out)
+    results: dict[str, list] = {s: [] for s in strategies}
+    for seed in seeds:
+        initial = None
+        for s in strategies:
+            d = out / s / f"seed{seed}"
+            rows = simulate(data, s, seed, rounds, per_round, iterations, finetune_iterations, d, common,
+                            scratch=(scratch and initial is None) or scratch_all, initial=initial, on_event=on_event)
+            initial = initial or d / "round0"  # the strategies of a seed share its round-0 model
+            results[s].append(rows)
+            if on_rows:
+                on_rows(s, seed, rows)
+    atomic_write(out / "loop_sim.json", json.dumps(results, indent=2))
+    atomic_write(out / "loop_sim.md", format_table(results) + "\n")
+    return results
+
+
 def format_table(results: dict[str, list[list[dict]]]) -> str:
     """Mean validation Dice per round over seeds, per strategy (warm and scratch arms)."""
     lines = [f"{'strategy':<12}{'round':>6}{'labeled':>8}{'warm Dice':>11}{'scratch Dice':>14}  per seed (warm)"]

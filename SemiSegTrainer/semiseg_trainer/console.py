@@ -1,5 +1,5 @@
 """How events reach a person or a program: JSON lines (pipes, the Slicer module) or a
-human-readable progress line when stdout is a terminal."""
+human-readable progress line when stdout is a terminal; the commands' summaries and tables."""
 from __future__ import annotations
 
 import sys
@@ -50,3 +50,48 @@ class Reporter:
                    "error": lambda: f"error: {e.get('message')}"}[kind]()
             self.stream.write(msg + "\n")
         self.stream.flush()
+
+
+def warner(reporter: Reporter):
+    """One ``semiseg: warning: ...`` line on stderr per data warning (and a log event for JSON readers)."""
+    def warn(message: str) -> None:
+        print(f"semiseg: warning: {message}", file=sys.stderr, flush=True)
+        if reporter.json:
+            reporter({"event": "log", "level": "warning", "message": message})
+    return warn
+
+
+def report_plan(reporter: Reporter, plan, path=None) -> None:
+    if reporter.json:
+        reporter({"event": "plan", "plan": plan.to_dict(), "text": plan.describe(), "path": str(path or "")})
+    else:
+        print(plan.describe() + (f"\n  written         {path}" if path else ""), flush=True)
+
+
+def report_recipe(reporter: Reporter, text: str) -> None:
+    if reporter.json:
+        reporter({"event": "log", "level": "info", "message": text})
+    else:
+        print(text, flush=True)
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\n{summary['method']}: {summary['iterations']} iterations in {summary['wall_time_s']:.0f} s "
+          f"({summary['it_per_s']:.2f} it/s), peak memory {summary['peak_memory_mb']:.0f} MB; "
+          f"checkpoint selected: {summary['selection']} (iteration {summary['selected_iteration']}); "
+          f"{summary.get('protocol', '')}")
+    for split in ("val", "test"):
+        if split in summary:
+            print(f"\n{split} ({summary[split]['cases']} cases):")
+            print(format_table(summary[split]))
+
+
+def format_table(s: dict) -> str:
+    metrics = list(next(iter(s["per_class"].values())))
+    head = f"{'class':<22}" + "".join(f"{m:>10}" for m in metrics)
+    rows = [head, "-" * len(head)]
+    scale = lambda m, v: 100 * v if m in ("dice", "jaccard") else v  # noqa: E731
+    for name, vals in list(s["per_class"].items()) + [("mean", s["mean"])]:
+        rows.append(f"{name:<22}" + "".join(f"{scale(m, vals[m]):>10.2f}" for m in metrics))
+    rows.append("(Dice, Jaccard in %; hd95/asd in voxels, *_mm in mm; asd is one-directional as medpy)")
+    return "\n".join(rows)

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from semiseg.config import PRESETS, TrainConfig
-from semiseg.fields import field_choices, field_kind, scalar_type
+from semiseg.fields import field_choices, field_kind, parse_text, scalar_type
 from semiseg.methods import METHODS
 
 METHOD_PREFIX = "opt__"
@@ -68,6 +68,46 @@ def split_args(ns: argparse.Namespace) -> dict:
         if isinstance(v, list):
             values[k] = tuple(v)
     return values
+
+
+def build_train_config(ns: argparse.Namespace):
+    """The ``TrainConfig`` of parsed ``train`` options (``--config FILE`` values under the command line's)."""
+    from semiseg.config import load_config_file, resolve_config
+    file_values = load_config_file(ns.config) if getattr(ns, "config", None) else {}
+    return resolve_config(split_args(ns), file_values)
+
+
+def parse_method_sets(items: list[str], methods: list[str]) -> dict[str, dict]:
+    """``--set METHOD.OPTION=VALUE`` (one method) or ``--set OPTION=VALUE`` (every listed method that has it)."""
+    from semiseg.config import matched_method
+    from semiseg.errors import SemiSegError
+    from semiseg.methods import get_method
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SemiSegError(f"--set {item}: expected [METHOD.]OPTION=VALUE")
+        target, _, name = key.rpartition(".")
+        name = name.replace("-", "_")
+        targets = [target] if target else methods
+        if target and target not in methods:
+            raise SemiSegError(f"--set {item}: method '{target}' is not in --methods ({', '.join(methods)})")
+        hit = False
+        for m in targets:  # supervised@X takes X's options (its baseline is derived from X's run)
+            fields = {f.name: f for f in dataclasses.fields(get_method(matched_method(m)).Options)}
+            if name not in fields:
+                if target:
+                    raise SemiSegError(f"--set {item}: method '{m}' has no option '{name}' "
+                                       f"(options: {', '.join(fields) or 'none'})")
+                continue
+            try:
+                out.setdefault(m, {})[name] = parse_text(fields[name], value)
+            except ValueError as e:
+                raise SemiSegError(f"--set {item}: {e}") from None
+            hit = True
+        if not hit:
+            raise SemiSegError(f"--set {item}: none of {', '.join(methods)} has an option '{name}'")
+    return out
 
 
 def describe_presets() -> str:

@@ -70,6 +70,28 @@ def bench_method(cfg: TrainConfig, warmup: int = 3, iterations: int = 10, infere
             trainer.close()
 
 
+def bench_methods(common: dict, data: str, methods: list[str], method_options: dict[str, dict] | None = None,
+                  warmup: int = 3, iterations: int = 10, inference_volumes: int = 2, offset: int | None = None, *,
+                  on_method=None, on_warning=None, on_event=None) -> list[dict]:
+    """``semiseg bench``: each method measured on the same cases (read once), its run assembled by
+    :func:`semiseg.run.prepare_run` as ``semiseg train`` would (users' folders are planned; no plan.json is
+    written). ``common``: the options every method is given; ``method_options``: per method, its ``--set``
+    values; ``on_method(name)`` before each measurement. Returns a row per method (:func:`bench_method`)."""
+    from ..config import resolve_config
+    from ..run import load_run_data, prepare_run
+    rows, raw = [], None
+    for m in methods:
+        explicit = {**common, "data": data, "method": m,
+                    **({"method_options": method_options[m]} if m in (method_options or {}) else {})}
+        if raw is None:  # the same cases for every method: loaded once
+            raw = load_run_data(resolve_config(explicit), explicit.get("dim") or None)
+        cfg, cases, _ = prepare_run(explicit, data=raw, on_warning=on_warning)
+        if on_method:
+            on_method(m)
+        rows.append(bench_method(cfg, warmup, iterations, inference_volumes, offset, data=cases, on_event=on_event))
+    return rows
+
+
 def _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predict_volume, on_event) -> dict:
     device = trainer.device
     cuda = device.type == "cuda"
