@@ -205,6 +205,21 @@ def _selection_cadence(values: dict[str, Any], layered: dict[str, Any]) -> None:
     raise SemiSegError(f"--selection {sel} cannot select: {when}; set --val-every N (and --val-from) or --selection final")
 
 
+def selection_fallback(selection: str, has_validation: bool) -> str:
+    """The checkpoint selection a run uses and records in its config.json: ``val`` with no validation case
+    selects the final model."""
+    return "final" if selection == "val" and not has_validation else selection
+
+
+def with_recorded_selection(wanted: dict, recorded: dict) -> dict:
+    """``wanted`` (a configuration as given now, as a dict) with the selection ``recorded`` in a run's
+    config.json where :func:`selection_fallback` explains the difference, so that comparing the two (the
+    resume check, the benchmark's check of a run folder) does not take the fallback for another setting."""
+    if recorded.get("selection") == selection_fallback(wanted.get("selection"), False) != wanted.get("selection"):
+        return {**wanted, "selection": recorded["selection"]}
+    return wanted
+
+
 def matched_supervised(cfg: TrainConfig) -> TrainConfig:
     """The supervised baseline of a method's run: the same network, inference resize, schedule, data,
     budget and supervised loss, only the unlabeled terms removed. A baseline with the dataset's default

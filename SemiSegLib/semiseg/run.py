@@ -26,7 +26,7 @@ from typing import Callable
 
 from . import finetune
 from . import runlock
-from .config import TrainConfig, matched_supervised, resolve_config
+from .config import TrainConfig, matched_supervised, resolve_config, with_recorded_selection
 from .data.datasets import DataSplits, check_images, load_dataset
 from .errors import SemiSegError
 from .planning import Plan, apply_plan, existing_plan, fingerprint_splits, make_plan, plan_applies, plan_overrides
@@ -172,8 +172,7 @@ def resumed_explicit(explicit: dict, file_values: dict | None, out_dir: str | Pa
     merged["method_options"] = {**(saved.get("method_options") or {}), **(given.get("method_options") or {})}
     want = _jsonable(resolve_config(merged).to_dict())
     have = _jsonable(saved)
-    if have.get("selection") == "final" and want.get("selection") == "val":
-        want["selection"] = "final"  # the loop fell back to the final model (no validation cases)
+    want = with_recorded_selection(want, have)  # the loop fell back to the final model (no validation cases)
     diff = [k for k in want if k not in RESUME_MAY_CHANGE and want[k] != have.get(k)]
     if diff:
         shown = "; ".join(f"{k} {have.get(k)} in the run, {want[k]} given" for k in diff[:4])

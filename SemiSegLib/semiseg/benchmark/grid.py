@@ -104,13 +104,13 @@ def _comparable(cfg: dict) -> dict:
 def run_state(spec: RunSpec) -> str:
     """``done`` (metrics.json), ``resume`` (last.pt, no metrics.json) or ``new``; a folder trained with
     another configuration is an error."""
+    from ..config import with_recorded_selection
     from ..run import run_config
     d = spec.dir
     if (d / "config.json").is_file() and ((d / "metrics.json").is_file() or (d / "last.pt").is_file()):
         want = _comparable(run_config(spec.explicit, d).to_dict())
         have = _comparable(json.loads((d / "config.json").read_text()))
-        if have.get("selection") == "final" and want.get("selection") == "val":
-            have["selection"] = "val"  # the loop falls back to final when there is no validation split
+        want = with_recorded_selection(want, have)  # the loop falls back to final without a validation split
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if diff:
             shown = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff[:4])

@@ -24,7 +24,7 @@ from .. import finetune
 from .. import runlock
 from ..atomic import atomic_write
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import TrainConfig
+from ..config import TrainConfig, selection_fallback
 from ..data.datasets import DataSplits
 from ..data.pipeline import BatchSource
 from ..errors import CancelledError, SemiSegError
@@ -94,8 +94,7 @@ class Trainer:
         if method_cls.uses_unlabeled and not data.unlabeled:
             raise SemiSegError(f"method '{cfg.method}' needs unlabeled images but {cfg.data} has none "
                                "(add unlabeled volumes or use --method supervised)")
-        if cfg.selection == "val" and not data.val:
-            cfg.selection = "final"  # nothing to select on: say so in the config and events
+        cfg.selection = selection_fallback(cfg.selection, bool(data.val))  # said in the config and events
         if cfg.selection == "test" and not data.test:
             raise SemiSegError("--selection test needs a test split (--test-split PATH)")
         # selection=test exists only to reproduce papers that select on their test set (LA); it is labelled so
