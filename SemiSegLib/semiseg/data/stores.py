@@ -38,9 +38,26 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-class SliceStore:
+class _Store:
+    """What both stores share: an image buffer and an optional label buffer (attributes ``IMAGES`` and
+    ``LABELS``) on the data device."""
+    IMAGES, LABELS = "images", "labels"
+
+    def nbytes(self) -> int:
+        labels = getattr(self, self.LABELS)
+        return getattr(self, self.IMAGES).nbytes + (labels.nbytes if labels is not None else 0)
+
+    def _move(self, device: torch.device) -> None:
+        self.device = device
+        for name in (self.IMAGES, self.LABELS):
+            buffer = getattr(self, name)
+            setattr(self, name, buffer.to(device) if buffer is not None else None)
+
+
+class SliceStore(_Store):
     """2D training data: every slice resized once to the training size (nearest, as SSL4MIS), kept as one
     (N, 1 + X·Y) tensor on the data device; a batch is one row copy plus one gather (batched RandomGenerator)."""
+    IMAGES, LABELS = "_flat_images", "_flat_labels"
 
     def __init__(self, refs: list[CaseRef], size: tuple[int, int], normalization: str, with_labels: bool):
         images, labels, aspects = [], [], []
@@ -91,13 +108,8 @@ class SliceStore:
         self.images = self._flat_images[:, 1:].view(n, 1, *self.size)  # (N, 1, X, Y) float32
         self.labels = self._flat_labels[:, 1:].view(n, *self.size) if self._flat_labels is not None else None
 
-    def nbytes(self) -> int:
-        return self._flat_images.nbytes + (self._flat_labels.nbytes if self._flat_labels is not None else 0)
-
     def to(self, device: torch.device) -> "SliceStore":
-        self.device = device
-        self._flat_images = self._flat_images.to(device)
-        self._flat_labels = self._flat_labels.to(device) if self._flat_labels is not None else None
+        self._move(device)
         self._views()
         self.aug = _aug_2d(self.size, device)
         self.aspect = self.aspect.to(device) if self.aspect is not None else None
@@ -140,7 +152,7 @@ class SliceStore:
         return self.apply(idx, self.draw(idx, gen))
 
 
-class VolumeStore:
+class VolumeStore(_Store):
     """3D training data: whole volumes (sizes may differ) in one flat buffer on the data device, each
     zero-padded by the largest margin the UA-MT crop can need, so that RandomRotFlip + RandomCrop of a
     whole batch is one index computation and one ``take``: the crop box is mapped back through the
@@ -195,13 +207,8 @@ class VolumeStore:
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def nbytes(self) -> int:
-        return self.images.nbytes + (self.labels.nbytes if self.labels is not None else 0)
-
     def to(self, device: torch.device) -> "VolumeStore":
-        self.device = device
-        self.images = self.images.to(device)
-        self.labels = self.labels.to(device) if self.labels is not None else None
+        self._move(device)
         self._aranges = None
         return self
 
