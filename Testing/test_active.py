@@ -33,6 +33,18 @@ def test_voxel_maps_hand_values():
     assert np.allclose(active.disagreement(p, p), [0.0])
 
 
+def test_mutual_information_hand_values():
+    """BALD over passes, two classes, three voxels: passes certain of opposite classes (mean uniform: 1 − 0 = 1),
+    passes equally unsure (1 − 1 = 0, though the entropy is 1), one certain and one 3:1 pass."""
+    a = np.array([[1.0, 0.5, 1.0], [0.0, 0.5, 0.0]], np.float32)
+    b = np.array([[0.0, 0.5, 0.75], [1.0, 0.5, 0.25]], np.float32)
+    def h(p):  # entropy in bits of a two-class distribution (log C = log 2)
+        return -sum(x * math.log2(x) for x in p if x > 0)
+    expected = [1.0, 0.0, h([0.875, 0.125]) - (0 + h([0.75, 0.25])) / 2]
+    assert np.allclose(active.mutual_information([a, b]), expected, atol=1e-6)
+    assert np.allclose(active.mutual_information([a, a, a]), 0.0)
+
+
 def test_volume_score_is_the_mean_over_dilated_foreground_and_uncertain_voxels():
     u = np.full((7, 7, 7), 0.1, np.float32)
     labels = np.zeros((7, 7, 7), np.uint8)
@@ -171,6 +183,34 @@ def test_uncertainty_of_a_planned_model_is_resampled_back_onto_the_input_grid(tm
     # and monotone along x, and no voxel of the input grid falls outside (no zero border)
     assert (umap > 0).all() and (umap <= 1).all()
     assert (np.diff(umap[:, 4, 3]) > 0).all()
+
+
+def test_mc_dropout_map_is_the_passes_disagreement_and_reproducible(models):
+    """``mc-dropout``: the map equals BALD of 8 passes with the dropout layers on (recomputed here from the
+    network with the same seed), is the same on a second call, leaves the network in inference mode and the
+    labels the model's own; with every dropout probability set to 0 the passes are identical and the map is
+    exactly 0."""
+    from semiseg.predict import Segmenter
+    seg = Segmenter(models["supervised"])
+    vol = read_volume(models["pool"] / "case0.nrrd")
+    labels, umap = seg.uncertainty_on_grid(vol, "mc-dropout")
+    assert not any(m.training for m in seg.net.modules())
+    assert np.array_equal(labels, seg.predict_on_grid(vol))
+    assert np.array_equal(umap, seg.uncertainty_on_grid(vol, "mc-dropout")[1])
+    dropouts = [m for m in seg.net.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    assert dropouts
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for m in dropouts:
+            m.train()
+        passes = [seg._probs(seg.net, vol.array)[1] for _ in range(active.MC_PASSES)]
+        for m in dropouts:
+            m.eval()
+    assert np.allclose(umap, active.mutual_information(passes), atol=1e-6)
+    assert umap.max() > 0 and umap.shape == vol.array.shape
+    for m in dropouts:
+        m.p = 0.0
+    assert not seg.uncertainty_on_grid(vol, "mc-dropout")[1].any()  # identical passes: exactly 0
 
 
 def test_suggest_cli_json_and_teacher_disagreement(models, capsys):

@@ -8,6 +8,10 @@ Voxel maps (all in [0, 1], from softmax probabilities ``(C, ...)``, channel 0 = 
 * ``margin``: ``1 − (p₁ − p₂)``, one minus the gap between the two most likely classes (Scheffer et al. 2001).
 * ``teacher-disagreement``: the total-variation distance ``½ Σ_c |p_student − p_teacher|`` between the
   student and its EMA teacher (the disagreement Mean Teacher / UA-MT train against).
+* ``mc-dropout``: the mutual information between the prediction and the weights under Monte Carlo dropout
+  (BALD: ``H(mean_t p_t) − mean_t H(p_t)`` over ``T`` passes with the network's dropout active, normalised by
+  ``log C``; Gal et al., ICML 2017; Houlsby et al., arXiv 1112.5745): what the passes disagree on, not the
+  uncertainty each pass has. Every SemiSeg network has dropout, so every model has this map.
 
 Volume score (:func:`volume_score`): the mean of the map over the *region of interest*: voxels predicted
 as foreground, dilated by one voxel (their boundary, where a model hesitates, belongs to them), plus every
@@ -30,7 +34,8 @@ from scipy import ndimage
 
 from .errors import SemiSegError
 
-STRATEGIES = ("entropy", "margin", "teacher-disagreement", "random")
+STRATEGIES = ("entropy", "margin", "teacher-disagreement", "mc-dropout", "random")
+MC_PASSES = 8                   # dropout passes of ``mc-dropout``
 DEFAULT_DIVERSITY = 0.05        # cosine above 0.95 = a near-duplicate of a volume already picked
 UNCERTAIN_VOXEL = 0.5           # voxels at least this uncertain always belong to the scored region
 THUMBNAIL_SHAPE = (16, 16, 8)   # the descriptor the diversity compares (x, y, z)
@@ -55,8 +60,21 @@ def disagreement(probs_a: np.ndarray, probs_b: np.ndarray) -> np.ndarray:
     return (0.5 * np.abs(np.asarray(probs_a, np.float32) - np.asarray(probs_b, np.float32)).sum(0)).astype(np.float32)
 
 
-def uncertainty_map(strategy: str, probs: np.ndarray, teacher_probs: np.ndarray | None = None) -> np.ndarray:
+def mutual_information(pass_probs: list[np.ndarray]) -> np.ndarray:
+    """BALD per voxel of ``T`` stochastic passes' softmax maps (each (C, ...)): entropy of their mean minus
+    the mean of their entropies, over ``log C``, float32 in [0, 1] (0 when the passes agree)."""
+    mean_entropy = sum(normalized_entropy(p).astype(np.float64) for p in pass_probs) / len(pass_probs)
+    mean = sum(np.asarray(p, np.float64) for p in pass_probs) / len(pass_probs)
+    return np.clip(normalized_entropy(mean) - mean_entropy, 0.0, 1.0).astype(np.float32)
+
+
+def uncertainty_map(strategy: str, probs: np.ndarray, teacher_probs: np.ndarray | None = None,
+                    pass_probs: list[np.ndarray] | None = None) -> np.ndarray:
     """The voxel map a strategy ranks by (``random`` and ``entropy``: the entropy map)."""
+    if strategy == "mc-dropout":
+        if not pass_probs:
+            raise SemiSegError("mc-dropout needs the probabilities of the dropout passes")
+        return mutual_information(pass_probs)
     if strategy == "margin":
         return margin_uncertainty(probs)
     if strategy == "teacher-disagreement":

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .active import uncertainty_map, volume_score
+from .active import MC_PASSES, STRATEGIES, uncertainty_map, volume_score
 from .checkpoint import load_checkpoint, network_from_checkpoint
 from .data.datasets import IMAGE_SUFFIXES, _stem
 from .data.io import read_volume, write_labelmap, write_volume
@@ -61,19 +61,39 @@ class Segmenter:
         return predict_volume(net, image, self.meta, lcc=self.lcc, stride=self.stride,
                               half=self.device.type == "cuda", return_probs=True)
 
+    def _dropout_passes(self, image: np.ndarray, passes: int = MC_PASSES, seed: int = 0) -> list[np.ndarray]:
+        """Softmax maps of ``passes`` forward passes with the network's dropout layers active (BatchNorm stays
+        in inference mode), from a fixed seed: the same volume gets the same map every time."""
+        dropouts = [m for m in self.net.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for m in dropouts:
+                m.train()
+            try:
+                return [self._probs(self.net, image)[1] for _ in range(passes)]
+            finally:
+                for m in dropouts:
+                    m.eval()
+
     def uncertainty_on_grid(self, vol: Volume, strategy: str = "entropy") -> tuple[np.ndarray, np.ndarray]:
         """(labels, voxel uncertainty) on the volume's own grid. A planned model's map is computed on the plan
         grid and resampled back linearly (as the labels are resampled back); ``strategy`` names the map
-        (:func:`semiseg.active.uncertainty_map`; ``teacher-disagreement`` needs :meth:`load_teacher`)."""
+        (:func:`semiseg.active.uncertainty_map`; ``teacher-disagreement`` needs :meth:`load_teacher`). The
+        labels are always the model's own (dropout off)."""
         if not np.isfinite(vol.array).all():
             raise SemiSegError("input image contains NaN or infinite values")
+        if strategy not in STRATEGIES or strategy == "random":
+            raise SemiSegError(f"unknown uncertainty map '{strategy}'; available: "
+                               f"{', '.join(s for s in STRATEGIES if s != 'random')}")
         if strategy == "teacher-disagreement" and self.teacher is None:
             self.load_teacher()
 
         def on_array(image):
             labels, probs = self._probs(self.net, image)
             teacher = self._probs(self.teacher, image)[1] if strategy == "teacher-disagreement" else None
-            return labels, uncertainty_map(strategy, probs, teacher)
+            passes = self._dropout_passes(image) if strategy == "mc-dropout" else None
+            return labels, uncertainty_map(strategy, probs, teacher, passes)
 
         plan = self.meta.get("plan")
         if not plan:
@@ -88,16 +108,17 @@ class Segmenter:
         back = resample_image(umap3, pre.geometry, vol.geometry, grid3, "linear").reshape(shape)
         return restore_label(labels, pre.geometry, vol.geometry, shape), np.clip(back, 0, 1).astype(np.float32)
 
-    def segment_file(self, path: str | Path, out_dir: str | Path, uncertainty: bool = False) -> dict:
-        """Write NAME.label.nrrd and NAME.seg.nrrd (and with ``uncertainty`` NAME.uncertainty.nrrd: the
-        normalised entropy of the softmax, float32 on the input's grid) into ``out_dir``."""
+    def segment_file(self, path: str | Path, out_dir: str | Path, uncertainty: bool | str = False) -> dict:
+        """Write NAME.label.nrrd and NAME.seg.nrrd (and with ``uncertainty`` NAME.uncertainty.nrrd: float32
+        on the input's grid, the map ``uncertainty`` names, ``True`` = ``entropy``) into ``out_dir``."""
         path, out_dir = Path(path), Path(out_dir)
         vol = read_volume(path)
         image = vol.array
         if self.meta["dim"] == 3 and image.ndim == 3 and any(s < 16 for s in image.shape) and not self.meta.get("plan"):
             raise SemiSegError(f"{path}: size {image.shape} is too small for the 3D model")
         try:
-            pred, umap = self.uncertainty_on_grid(vol) if uncertainty else (self.predict_on_grid(vol), None)
+            strategy = "entropy" if uncertainty is True else uncertainty
+            pred, umap = self.uncertainty_on_grid(vol, strategy) if uncertainty else (self.predict_on_grid(vol), None)
         except SemiSegError as e:
             raise SemiSegError(f"{path}: {e}") from None
         out_dir.mkdir(parents=True, exist_ok=True)
