@@ -131,6 +131,7 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.dimensionComboBox.addItem(_tr("2D (U-Net on slices)"), 2)
         for value, label in (("entropy", _tr("uncertainty (entropy)")), ("margin", _tr("uncertainty (margin)")),
                              ("teacher-disagreement", _tr("disagreement with the EMA teacher")),
+                             ("mc-dropout", _tr("disagreement of dropout passes (MC dropout)")),
                              ("random", _tr("random (for comparison)"))):
             self.ui.suggestStrategyComboBox.addItem(label, value)
         self.populateFromEngine()
@@ -398,9 +399,17 @@ class SemiSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.setupDependencies(ask=True)
             self.logic.segment(self.ui.segmentVolumesComboBox.checkedNodes(),
                                device=self.ui.deviceComboBox.currentData or "auto",
-                               show3D=self.ui.show3DCheckBox.checked, uncertainty=self.ui.uncertaintyCheckBox.checked,
+                               show3D=self.ui.show3DCheckBox.checked, uncertainty=self.uncertaintyMap(),
                                waitForCompletion=False)
         self.updateButtons()
+
+    def uncertaintyMap(self):
+        """The map "Segment" adds when asked: the one "Rank by" names (entropy for random), so the map shown is
+        what the ranking scores; False when the uncertainty box is unchecked."""
+        if not self.ui.uncertaintyCheckBox.checked:
+            return False
+        strategy = self.ui.suggestStrategyComboBox.currentData
+        return strategy if strategy and strategy != "random" else "entropy"
 
     def onSaveModel(self):
         with slicer.util.tryWithErrorDisplay(_tr("The model could not be saved."), waitCursor=True):
@@ -743,7 +752,8 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         """Segment volume nodes with ``model`` (a saved model folder/file) or the current model. Blocking:
         returns the new segmentation nodes (``"<volume> SemiSeg"``). ``uncertainty``: also load each volume's
         voxel uncertainty map (``"<volume> SemiSeg uncertainty"``, in ``result.uncertaintyNodes``; scores in
-        ``result.uncertaintyScores``)."""
+        ``result.uncertaintyScores``): True for the entropy map, or the map's name (entropy, margin,
+        teacher-disagreement, mc-dropout)."""
         from SemiSegSlicerLib import mrml_export
         from semiseg_trainer import protocol
         self._refuseConcurrent()
@@ -755,7 +765,7 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
         inputs = mrml_export.export_segment_inputs(job, list(volumes))
         spec = mrml_export.segment_job_spec(inputs, self.model["checkpoint"], device)
         if uncertainty:
-            spec["uncertainty"] = True
+            spec["uncertainty"] = uncertainty if isinstance(uncertainty, str) else True
         protocol.write_job(job, spec)
         self._segmentOptions = {"show3D": show3D}
         result = self._start("segment", job, device, waitForCompletion, progressCallback, logCallback,
