@@ -251,3 +251,30 @@ def test_job_protocol_segment_uncertainty_and_suggest_tasks(models, tmp_path):
     assert [r["picked"] for r in ranking] == [True, False, False]
     assert set(ranking[0]) == {"input", "score", "picked", "slice"}
     assert [r["score"] for r in ranking[1:]] == sorted((r["score"] for r in ranking[1:]), reverse=True)
+
+
+def test_segment_names_its_uncertainty_map_on_the_command_line_and_in_a_job(models, tmp_path, capsys):
+    """`segment --uncertainty mc-dropout` and a job's "uncertainty": "margin" write that map (equal to the
+    engine's); a job naming an unknown map is one error line naming its job.json, before any work."""
+    from semiseg.predict import Segmenter
+    case = models["pool"] / "case0.nrrd"
+    assert main(["--json", "segment", "--model", str(models["supervised"]), "--input", str(case), "--out",
+                 str(tmp_path / "mc"), "--uncertainty", "mc-dropout", "--device", "cpu"]) == 0
+    seg = Segmenter(models["supervised"])
+    vol = read_volume(case)
+    assert np.allclose(read_volume(tmp_path / "mc" / "case0.uncertainty.nrrd").array,
+                       seg.uncertainty_on_grid(vol, "mc-dropout")[1], atol=1e-6)
+    job = tmp_path / "margin"
+    protocol.write_job(job, {"task": "segment", "model": str(models["supervised"]), "inputs": [str(case)],
+                             "device": "cpu", "uncertainty": "margin"})
+    assert main(["--json", "run", "--job", str(job)]) == 0
+    assert np.allclose(read_volume(job / "predictions" / "case0.uncertainty.nrrd").array,
+                       seg.uncertainty_on_grid(vol, "margin")[1], atol=1e-6)
+    job = tmp_path / "bad"
+    protocol.write_job(job, {"task": "segment", "model": str(models["supervised"]), "inputs": [str(case)],
+                             "device": "cpu", "uncertainty": "variance"})
+    capsys.readouterr()
+    assert main(["--no-json", "run", "--job", str(job)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "job.json" in err[0] and "unknown uncertainty map 'variance'" in err[0]
+    assert not (job / "predictions").exists()

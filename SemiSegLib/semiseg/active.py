@@ -35,6 +35,7 @@ from scipy import ndimage
 from .errors import SemiSegError
 
 STRATEGIES = ("entropy", "margin", "teacher-disagreement", "mc-dropout", "random")
+MAPS = tuple(s for s in STRATEGIES if s != "random")  # the voxel maps `segment --uncertainty` writes
 MC_PASSES = 8                   # dropout passes of ``mc-dropout``
 DEFAULT_DIVERSITY = 0.05        # cosine above 0.95 = a near-duplicate of a volume already picked
 UNCERTAIN_VOXEL = 0.5           # voxels at least this uncertain always belong to the scored region
@@ -66,6 +67,17 @@ def mutual_information(pass_probs: list[np.ndarray]) -> np.ndarray:
     mean_entropy = sum(normalized_entropy(p).astype(np.float64) for p in pass_probs) / len(pass_probs)
     mean = sum(np.asarray(p, np.float64) for p in pass_probs) / len(pass_probs)
     return np.clip(normalized_entropy(mean) - mean_entropy, 0.0, 1.0).astype(np.float32)
+
+
+def map_name(uncertainty) -> str | None:
+    """The map a request names: ``True`` = ``entropy``, false/None = none, else one of :data:`MAPS`."""
+    if uncertainty is True:
+        return "entropy"
+    if not uncertainty:
+        return None
+    if uncertainty not in MAPS:
+        raise SemiSegError(f"unknown uncertainty map '{uncertainty}'; available: {', '.join(MAPS)}")
+    return uncertainty
 
 
 def uncertainty_map(strategy: str, probs: np.ndarray, teacher_probs: np.ndarray | None = None,

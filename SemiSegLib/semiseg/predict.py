@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .active import MC_PASSES, STRATEGIES, uncertainty_map, volume_score
+from .active import MC_PASSES, map_name, uncertainty_map, volume_score
 from .checkpoint import load_checkpoint, network_from_checkpoint
 from .data.datasets import IMAGE_SUFFIXES, _stem
 from .data.io import read_volume, write_labelmap, write_volume
@@ -83,9 +83,7 @@ class Segmenter:
         labels are always the model's own (dropout off)."""
         if not np.isfinite(vol.array).all():
             raise SemiSegError("input image contains NaN or infinite values")
-        if strategy not in STRATEGIES or strategy == "random":
-            raise SemiSegError(f"unknown uncertainty map '{strategy}'; available: "
-                               f"{', '.join(s for s in STRATEGIES if s != 'random')}")
+        strategy = map_name(strategy)
         if strategy == "teacher-disagreement" and self.teacher is None:
             self.load_teacher()
 
@@ -117,8 +115,8 @@ class Segmenter:
         if self.meta["dim"] == 3 and image.ndim == 3 and any(s < 16 for s in image.shape) and not self.meta.get("plan"):
             raise SemiSegError(f"{path}: size {image.shape} is too small for the 3D model")
         try:
-            strategy = "entropy" if uncertainty is True else uncertainty
-            pred, umap = self.uncertainty_on_grid(vol, strategy) if uncertainty else (self.predict_on_grid(vol), None)
+            strategy = map_name(uncertainty)
+            pred, umap = self.uncertainty_on_grid(vol, strategy) if strategy else (self.predict_on_grid(vol), None)
         except SemiSegError as e:
             raise SemiSegError(f"{path}: {e}") from None
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def _pre_method(argv: list[str]) -> str:
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
-    from semiseg.active import DEFAULT_DIVERSITY, STRATEGIES
+    from semiseg.active import DEFAULT_DIVERSITY, MAPS, STRATEGIES
     p = argparse.ArgumentParser(prog="semiseg", description="SemiSeg: semi-supervised medical image segmentation.")
     p.add_argument("--json", action=argparse.BooleanOptionalAction, default=None,
                    help="progress as JSON lines (default: when stdout is not a terminal)")
@@ -63,9 +63,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     s.add_argument("--largest-component", "--lcc", dest="lcc", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the largest connected component per class (default: as trained; --lcc is an alias)")
     s.add_argument("--stride", nargs=3, type=int, help="3D sliding-window stride (default: as trained)")
-    s.add_argument("--uncertainty", action="store_true",
-                   help="also NAME.uncertainty.nrrd (float32 normalised entropy of the softmax, 0..1, on the input's "
-                        "grid), a per-volume score in the events and OUT/uncertainty.csv")
+    s.add_argument("--uncertainty", nargs="?", const="entropy", default=None, choices=list(MAPS), metavar="MAP",
+                   help="also NAME.uncertainty.nrrd (float32, 0..1, on the input's grid), a per-volume score in the "
+                        "events and OUT/uncertainty.csv. MAP: entropy (of the softmax; the default), margin, "
+                        "teacher-disagreement (with the EMA teacher), mc-dropout (BALD over 8 dropout passes)")
 
     sg = sub.add_parser("suggest", help="rank unlabeled volumes: which to label next",
                         description=description(segment.cmd_suggest))
@@ -74,7 +75,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     sg.add_argument("--n", type=int, default=1, help="volumes to pick")
     sg.add_argument("--strategy", default="entropy", choices=list(STRATEGIES),
                     help="entropy (of the softmax), margin (1 - gap of the top two classes), teacher-disagreement "
-                         "(student vs EMA teacher; methods with a teacher), random (for comparison)")
+                         "(student vs EMA teacher; methods with a teacher), mc-dropout (BALD over 8 dropout passes), random "
+                         "(for comparison)")
     sg.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     sg.add_argument("--diversity", type=float, default=DEFAULT_DIVERSITY,
                     help="pass over a candidate whose thumbnail's cosine similarity to a picked one exceeds "

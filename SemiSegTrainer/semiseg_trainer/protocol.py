@@ -15,8 +15,9 @@ finished {status: completed|cancelled}, error {message[, details]}. Under a time
     # config "init_from": PATH warm-starts from an earlier model (semiseg.finetune); its "started" event
     # then carries "warm_start" {init_from, source_iterations, finetune_iterations, source_labeled_cases, teacher}
     {"schema": 1, "task": "segment", "model": PATH, "inputs": [PATH, ...], "device": "auto",
-     "uncertainty": false}     # true: NAME.uncertainty.nrrd + "uncertainty"/"uncertainty_score" in predicted
-                               # events + uncertainty.csv (input, score) in the outputs folder
+     "uncertainty": false}     # true (= "entropy") or a map's name ("margin", "teacher-disagreement",
+                               # "mc-dropout"): NAME.uncertainty.nrrd + "uncertainty"/"uncertainty_score" in
+                               # predicted events + uncertainty.csv (input, score) in the outputs folder
     {"schema": 1, "task": "suggest", "model": PATH, "inputs": [PATH, ...], "n": K, "strategy": "entropy",
      "seed": 0, "diversity": 0.05}   # one event {"event": "suggested", "strategy", "ranking": [{"input",
                                      # "score", "picked", "slice"}, ...]} (picks first), then finished

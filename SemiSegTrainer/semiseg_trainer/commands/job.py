@@ -112,16 +112,20 @@ def _model(spec: dict, job: Path) -> Path:
 
 def _segment(spec: dict, job: Path, spec_path: Path, tee: Emit) -> int:
     import torch
+    from semiseg.active import map_name
     from semiseg.errors import SemiSegError
     from semiseg.predict import Segmenter, write_uncertainty_csv
     from semiseg.train.loop import select_device
     inputs = [job / p for p in spec.get("inputs", [])]
     if not inputs:
         raise SemiSegError(f"{spec_path}: no input volume to segment")
+    try:
+        uncertainty = map_name(spec.get("uncertainty"))
+    except SemiSegError as e:
+        raise SemiSegError(f"{spec_path}: {e}") from None
     model = _model(spec, job)
     out = job / spec.get("outputs", "predictions")
     seg = Segmenter(model, select_device(spec.get("device", "auto")), lcc=spec.get("lcc"))
-    uncertainty = bool(spec.get("uncertainty"))
     stop = StopFlag(job)
     tee({"event": "started", "task": "segment", "total": len(inputs), "model": str(model), "device": str(seg.device)})
     results = []
