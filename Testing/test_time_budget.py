@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from semiseg.checkpoint import load_checkpoint
+from semiseg.checkpoint import load_checkpoint, save_checkpoint
 from semiseg.config import resolve_config
 from semiseg.errors import SemiSegError
-from semiseg.run import load_run_data
+from semiseg.errors import CancelledError
+from semiseg.run import load_run_data, prepare_run
 from semiseg.schedules import learning_rate
 from semiseg.train.budget import TimeBudget, parse_duration
 from semiseg.train.loop import Trainer
@@ -84,17 +85,26 @@ def test_a_fast_machine_keeps_the_recipe():
     assert (p.iterations, p.val_every, p.options) == (600, 100, {"rampup_iterations": 200})
 
 
-def budgeted_run(tmp_path, budget, step_seconds, validation_seconds=5.0):
+PHANTOM_MT = {"data": "phantom:6", "labeled": 2, "method": "mean_teacher", "patch_size": (32, 32),
+              "labeled_batch": 2, "unlabeled_batch": 2, "log_every": 5, "device": "cpu", "threads": 1,
+              "checkpoint_every": 10}
+
+
+def budgeted_run(tmp_path, budget, step_seconds, validation_seconds=5.0, should_stop=None, resume=False,
+                 clock=None):
     """Mean Teacher on the phantom (recipe: 600 iterations, validation every 100, ramp 200, delay 50) with a fake
-    clock: each training step advances it by ``step_seconds(step)``, each validation by ``validation_seconds``."""
-    cfg = resolve_config({"data": "phantom:6", "labeled": 2, "method": "mean_teacher", "patch_size": (32, 32),
-                          "labeled_batch": 2, "unlabeled_batch": 2, "log_every": 5, "device": "cpu", "threads": 1,
-                          "time_budget": budget, "checkpoint_every": 10})
-    assert (cfg.iterations, cfg.val_every, cfg.method_options["rampup_iterations"],
-            cfg.method_options["consistency_delay"]) == (600, 100, 200, 50)
-    clock = FakeClock()
+    clock: each training step advances it by ``step_seconds(step)``, each validation by ``validation_seconds``.
+    ``resume``: continue the run in ``tmp_path`` from its config.json, as ``semiseg train --resume`` does."""
+    if resume:
+        cfg, data, _ = prepare_run({}, None, tmp_path, resume=True)
+    else:
+        cfg = resolve_config({**PHANTOM_MT, "time_budget": budget})
+        assert (cfg.iterations, cfg.val_every, cfg.method_options["rampup_iterations"],
+                cfg.method_options["consistency_delay"]) == (600, 100, 200, 50)
+        data = load_run_data(cfg)
+    clock = clock or FakeClock()
     events = []
-    tr = Trainer(cfg, tmp_path, load_run_data(cfg), on_event=events.append, clock=clock)
+    tr = Trainer(cfg, tmp_path, data, on_event=events.append, clock=clock, should_stop=should_stop)
     step_fn, validate_fn = tr.train_step, tr._validate
 
     def timed_step(batch, step):
@@ -106,7 +116,7 @@ def budgeted_run(tmp_path, budget, step_seconds, validation_seconds=5.0):
         return validate_fn(step)
 
     tr.train_step, tr._validate = timed_step, timed_validation
-    summary = tr.run()
+    summary = tr.run(resume=resume)
     return tr, summary, events, clock
 
 
@@ -152,6 +162,47 @@ def test_budgeted_run_stops_at_the_deadline_when_the_machine_slows_down(tmp_path
     # the model it stopped at is validated too (a validation's time was kept back for it)
     assert [e["iteration"] for e in events if e["event"] == "validation"][-1] == reached
     assert max(e["iterations"] for e in events if e["event"] == "budget") > reached  # it had planned more
+
+
+def test_a_resumed_budgeted_run_gets_what_was_left_of_its_budget(tmp_path):
+    """A 100 s run cancelled after 40 s of its budget resumes (on another clock) with 60 s, not a new 100 s,
+    and keeps scaling its schedule from the original 600-iteration recipe."""
+    first = FakeClock()
+    with pytest.raises(CancelledError):
+        budgeted_run(tmp_path, "100s", lambda step: 2.0, should_stop=lambda: first.t >= 40.0, clock=first)
+    saved = load_checkpoint(tmp_path / "last.pt")["training"]
+    used = saved["budget"]["used_s"]
+    assert 40.0 <= used <= 42.0 and saved["budget"]["recipe"]["iterations"] == 600
+
+    second = FakeClock()
+    second.t = 5000.0  # another process: its monotonic clock has nothing to do with the first one's
+    tr, summary, events, clock = budgeted_run(tmp_path, None, lambda step: 2.0, resume=True, clock=second)
+    left = [e["remaining_s"] for e in events if e["event"] == "iteration"]
+    assert left[0] <= 100.0 - used
+    assert summary["time_budget_s"] == 100.0
+    assert summary["budget_elapsed_s"] == pytest.approx(used + (clock.t - 5000.0))
+    assert summary["budget_elapsed_s"] <= 100.0 and not summary["stopped_at_deadline"]
+    total = summary["iterations"]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["iterations"] == total
+    assert cfg["method_options"]["rampup_iterations"] == round(200 * total / 600)  # the original recipe's ramp
+
+
+def test_resuming_a_run_whose_budget_is_spent_only_finishes_it(tmp_path):
+    """A checkpoint whose budget is used up: the resumed run trains no further step and ends with the model
+    it has, validated and checkpointed."""
+    first = FakeClock()
+    with pytest.raises(CancelledError):
+        budgeted_run(tmp_path, "100s", lambda step: 2.0, should_stop=lambda: first.t >= 40.0, clock=first)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    reached = ckpt["training"]["step"]
+    ckpt["training"]["budget"]["used_s"] = 100.0
+    save_checkpoint(tmp_path / "last.pt", ckpt)
+    tr, summary, events, clock = budgeted_run(tmp_path, None, lambda step: 2.0, resume=True)
+    assert summary["iterations"] == reached and summary["stopped_at_deadline"]
+    assert not [e for e in events if e["event"] == "iteration"]
+    assert [e["iteration"] for e in events if e["event"] == "validation"] == [reached]
+    assert events[-1]["event"] == "finished" and events[-1]["status"] == "completed"
 
 
 def test_budget_is_a_config_field_the_job_protocol_can_send():

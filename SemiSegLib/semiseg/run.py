@@ -115,7 +115,7 @@ def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on
         if data is None:
             data = load_run_data(cfg)
         _check(data, on_warning)
-    recipe = budget_recipe(cfg)
+    recipe = budget_recipe(cfg) if not resume else None  # a resumed run's config.json already holds it
     if recipe is not None:
         cfg = resolve_config(explicit, file_values, {**(plan.config_values() if plan else {}), **recipe.config_values()})
         if on_recipe:

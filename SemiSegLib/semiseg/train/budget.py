@@ -9,6 +9,8 @@ a machine's speed drifts), and stops at the deadline whatever happens, with a fi
 
 The recipe's iteration count is the upper bound: a budget only shortens a run. The clock is injectable
 (tests use a fake one); time spent before :meth:`TimeBudget.begin` (data loading) is not counted.
+The budget is the whole run's: its state (time used, the original recipe) travels in the checkpoint, and a
+resumed run gets what was left of it (:meth:`TimeBudget.state_dict` / :meth:`TimeBudget.load_state_dict`).
 """
 from __future__ import annotations
 
@@ -72,6 +74,22 @@ class TimeBudget:
         self.t_last = None           # end of the previous step, for the last step's duration
         self.pause_since_step = 0.0
         self.last_step_seconds = 0.0
+        self.used_before = 0.0       # seconds used before a resume
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs: the seconds used so far and the recipe the schedule is scaled from."""
+        return {"seconds": self.seconds, "used_s": self.elapsed(), "recipe": {
+            "iterations": self.recipe_iterations, "val_every": self.recipe_val_every,
+            "lr_step": self.recipe_lr_step, "options": dict(self.recipe_options)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a run's budget: the time already used counts, and the schedule keeps being scaled from
+        the original recipe (the resumed run's config holds the already-shortened one). The speed is measured
+        again (the run may resume on another machine)."""
+        self.used_before = float(state["used_s"])
+        recipe = state["recipe"]
+        self.recipe_iterations, self.recipe_val_every = int(recipe["iterations"]), int(recipe["val_every"])
+        self.recipe_lr_step, self.recipe_options = int(recipe["lr_step"]), dict(recipe["options"])
 
     # -------------------------------------------------------------------------------- clock
     def begin(self, step: int) -> None:
@@ -79,7 +97,8 @@ class TimeBudget:
         self.start_step = step
 
     def elapsed(self) -> float:
-        return self.clock() - self.t0
+        """Seconds of the budget used: by earlier sessions of this run (resumed) and by this one."""
+        return self.used_before + (self.clock() - self.t0 if self.t0 is not None else 0.0)
 
     def remaining(self) -> float:
         return max(self.seconds - self.elapsed(), 0.0)

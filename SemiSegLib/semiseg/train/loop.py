@@ -189,6 +189,8 @@ class Trainer:
             "step": step, "best": self.best, "best_step": self.best_step, "elapsed": self.elapsed,
             "rank_rng": rank_rng, "world_size": self.dist.world_size,
         }
+        if self.budget is not None:
+            payload["training"]["budget"] = self.budget.state_dict()
         save_checkpoint(self.out / "last.pt", payload)
         self.emit("checkpoint", kind="last", iteration=step, path=str(self.out / "last.pt"))
 
@@ -216,6 +218,8 @@ class Trainer:
             if mine.get("cuda") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["cuda"].cpu(), self.device)
         self.best, self.best_step, self.elapsed = tr["best"], tr["best_step"], tr.get("elapsed", 0.0)
+        if self.budget is not None and tr.get("budget"):
+            self.budget.load_state_dict(tr["budget"])  # the rest of the run's budget, not a new one
         return int(tr["step"])
 
     # ------------------------------------------------------------------------------ validation
