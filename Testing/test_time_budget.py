@@ -209,3 +209,24 @@ def test_budget_is_a_config_field_the_job_protocol_can_send():
     cfg = resolve_config({"data": "phantom:6", "time_budget": "30m"})
     assert cfg.time_budget == "30m" and cfg.to_dict()["time_budget"] == "30m"
     assert resolve_config({"data": "phantom:6", "time_budget": 1800}).time_budget == 1800  # seconds also do
+
+
+def test_the_terminal_progress_line_shows_the_budget():
+    """Without JSON lines (a terminal), a budgeted run's start says the count is not final, each plan is
+    one line, and the progress line shows the time left instead of a raw remaining_s term."""
+    import io
+    from semiseg_trainer.console import Reporter
+    out = io.StringIO()
+    report = Reporter(json_lines=False, stream=out)
+    report({"event": "started", "method": "mean_teacher", "data": "acdc", "device": "cpu", "iteration": 0,
+            "iterations": 30000, "time_budget_s": 1800.0})
+    report({"event": "budget", "iteration": 7, "iterations": 5455, "val_every": 545,
+            "seconds_per_iteration": 0.27, "remaining_s": 1790.0})
+    report({"event": "iteration", "iteration": 10, "iterations": 5455, "lr": 0.01, "it_per_s": 3.6,
+            "eta_s": 1512.0, "remaining_s": 1754.4, "loss": 0.5})
+    lines = out.getvalue().split("\n")
+    assert lines[0] == ("training mean_teacher on acdc (cpu), iterations 0→30000 at most; the 30m00s time budget "
+                        "sets the count once it has measured the speed")
+    assert lines[1] == "time budget: 5455 iterations at 0.27 s/it, validation every 545, 29m50s left"
+    assert "10/5455 loss 0.5000 lr 1.00e-02 3.60 it/s ETA 25m12s (29m14s of the budget left)" in lines[2]
+    assert "remaining_s" not in lines[2]

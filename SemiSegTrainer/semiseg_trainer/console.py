@@ -30,20 +30,26 @@ class Reporter:
             width = 24
             bar = "#" * int(width * n / total) + "." * (width - int(width * n / total))
             terms = " ".join(f"{k} {v:.4f}" for k, v in e.items()
-                             if k not in ("event", "time", "iteration", "iterations", "lr", "it_per_s", "eta_s")
-                             and isinstance(v, float))
+                             if k not in ("event", "time", "iteration", "iterations", "lr", "it_per_s", "eta_s",
+                                          "remaining_s") and isinstance(v, float))
+            left = f" ({_fmt_time(e['remaining_s'])} of the budget left)" if "remaining_s" in e else ""
             line = (f"\r[{bar}] {n}/{total} {terms} lr {e['lr']:.2e} {e['it_per_s']:.2f} it/s "
-                    f"ETA {_fmt_time(e['eta_s'])}{self.last_val}")
+                    f"ETA {_fmt_time(e['eta_s'])}{left}{self.last_val}")
             self.stream.write(line[:200].ljust(120))
             self._open_line = True
         elif kind == "validation":
             self.last_val = f" | val Dice {100 * e['dice']:.2f} (best {100 * e['best_dice']:.2f})"
-        elif kind in ("started", "finished", "log", "predicted", "error"):
+        elif kind in ("started", "finished", "log", "predicted", "error", "budget"):
             if self._open_line:
                 self.stream.write("\n")
                 self._open_line = False
+            budget = (f" at most; the {_fmt_time(e['time_budget_s'])} time budget sets the count once it has "
+                      "measured the speed" if e.get("time_budget_s") else "")
             msg = {"started": lambda: f"training {e.get('method')} on {e.get('data')} ({e.get('device')}), "
-                                      f"iterations {e.get('iteration')}→{e.get('iterations')}",
+                                      f"iterations {e.get('iteration')}→{e.get('iterations')}{budget}",
+                   "budget": lambda: f"time budget: {e.get('iterations')} iterations at {e.get('seconds_per_iteration')} "
+                                     f"s/it, validation every {e.get('val_every')}, "
+                                     f"{_fmt_time(e.get('remaining_s', 0))} left",
                    "finished": lambda: f"finished: {e.get('status')}",
                    "log": lambda: e.get("message", ""),
                    "predicted": lambda: f"segmented {e.get('input')} → {e.get('segmentation')}",
