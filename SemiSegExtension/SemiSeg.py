@@ -660,8 +660,8 @@ class SemiSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def classTable(segmentationNodes, allowMissingClasses=False):
-        from SemiSegSlicerLib import mrml_export
-        return mrml_export.collect_classes(segmentationNodes, allow_missing=allowMissingClasses)
+        from SemiSegSlicerLib import segment_classes
+        return segment_classes.collect_classes(segmentationNodes, allow_missing=allowMissingClasses)
 
     # ------------------------------------------------------------------ jobs
     @property
@@ -1056,7 +1056,7 @@ class SemiSegTest(ScriptedLoadableModuleTest):
 
     def test_train_and_segment_tiny_scene(self):
         import numpy as np
-        from SemiSegSlicerLib import dependencies, mrml_export
+        from SemiSegSlicerLib import dependencies, mrml_export, segment_classes
         self.delayDisplay("SemiSeg: tiny synthetic training")
         ok, text = dependencies.torch_status()
         if not ok:
@@ -1084,9 +1084,9 @@ class SemiSegTest(ScriptedLoadableModuleTest):
         self.assertEqual(len(nodes), 1)
         node = nodes[0]
         self.assertEqual(node.GetName(), "unlabeled 1 SemiSeg")
-        names = [s.GetName() for _, s in mrml_export.segments_of(node)]
+        names = [s.GetName() for _, s in segment_classes.segments_of(node)]
         self.assertEqual(names, ["disk"])
-        for got, want in zip(mrml_export.segments_of(node)[0][1].GetColor(), (0.9, 0.2, 0.2)):
+        for got, want in zip(segment_classes.segments_of(node)[0][1].GetColor(), (0.9, 0.2, 0.2)):
             self.assertAlmostEqual(got, want, places=5)
         self.assertIs(mrml_export.source_volume(node), unlabeled[0])
 

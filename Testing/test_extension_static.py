@@ -212,8 +212,8 @@ def test_module_file_structure_and_widget_names_exist_in_ui():
     assert "runTest" in test_methods and any(m.startswith("test_") for m in test_methods)
 
 
-QT_FREE = ["mrml_export", "mrml_import", "plotting", "catalog", "models", "process", "jobs", "parameters", "labeling",
-           "optionform"]
+QT_FREE = ["mrml_export", "segment_classes", "mrml_import", "plotting", "catalog", "models", "process", "jobs",
+           "parameters", "labeling", "optionform"]
 
 
 @pytest.mark.parametrize("name", QT_FREE + ["mainloop"])

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from SemiSegSlicerLib import labeling, models  # noqa: E402
 from SemiSegSlicerLib import mrml_export as ex  # noqa: E402
+from SemiSegSlicerLib import segment_classes as sc  # noqa: E402
 from SemiSegSlicerLib import mrml_import as im  # noqa: E402
 from semiseg.data.io import read_volume, write_volume  # noqa: E402
 from semiseg_trainer import protocol  # noqa: E402
@@ -78,7 +79,7 @@ def test_a_corrected_segmentation_takes_the_models_class_names_or_is_refused(sce
     seg = add_segmentation(scene, "edited", volume, [("LIVER", mask, (0.5, 0.5, 0.5))])
     classes = labeling.adopt_classes(seg, CLASSES)
     assert [c.name for c in classes] == ["liver", "spleen"]
-    (_, segment), = ex.segments_of(seg)
+    (_, segment), = sc.segments_of(seg)
     assert segment.GetName() == "liver" and segment.GetColor() == pytest.approx(RED)
     wrong = add_segmentation(scene, "wrong", volume, [("kidney", mask, RED)])
     with pytest.raises(im.ImportError_, match=r"segments \['kidney'\] but the model's classes are \['liver', 'spleen'\]"):
@@ -152,7 +153,7 @@ def test_label_next_correct_and_retrain_on_a_real_scene(scene, tmp_path, semiseg
     assert logic.addToLabeled(corrected) == (corrected, best["node"])
     state = logic.panelState()
     assert corrected.GetID() in state.labeled and best["node"].GetID() not in state.unlabeled
-    assert [g.GetName() for _, g in ex.segments_of(corrected)] == ["disk"]
+    assert [g.GetName() for _, g in sc.segments_of(corrected)] == ["disk"]
 
     first_model = Path(logic.model["checkpoint"])
     events = []

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "SemiSegExtension"))
 
 from SemiSegSlicerLib import mrml_export as ex  # noqa: E402
+from SemiSegSlicerLib import segment_classes as sc  # noqa: E402
 from SemiSegSlicerLib import mrml_import as im  # noqa: E402
 from semiseg.data.classes import read_label  # noqa: E402
 from semiseg.data.io import check_same_grid, read_volume  # noqa: E402
@@ -266,7 +267,7 @@ def test_class_disagreements_overlaps_and_bad_links_are_one_line_errors(scene, t
     m2[2, 3:5, 2:5] = True
     a = add_segmentation(scene, "first", vol, [("liver", m1, RED), ("spleen", m2, GREEN)])
     b = add_segmentation(scene, "second", vol, [("Liver", m1, RED)])
-    table = ex.collect_classes([a, b])
+    table = sc.collect_classes([a, b])
     assert [c.name for c in table.classes] == ["liver", "spleen"]
     assert table.problems == ["segmentation 'second' has no segment 'spleen' (found in 'first'): add it, empty if "
                               "the structure is absent, or its voxels are trained as background"]
@@ -278,7 +279,7 @@ def test_class_disagreements_overlaps_and_bad_links_are_one_line_errors(scene, t
 
     # two segments with one name
     c = add_segmentation(scene, "dup", vol, [("liver", m1, RED), ("LIVER", m2, GREEN)])
-    assert ex.collect_classes([c]).problems == ["segmentation 'dup' has two segments named 'LIVER'"]
+    assert sc.collect_classes([c]).problems == ["segmentation 'dup' has two segments named 'LIVER'"]
 
     # overlapping segments (Slicer keeps them in two layers) cannot become one labelmap
     d = add_segmentation(scene, "overlap", vol, [("liver", m1, RED)])
@@ -290,7 +291,7 @@ def test_class_disagreements_overlaps_and_bad_links_are_one_line_errors(scene, t
     s.GetNthSegment(1).SetName("spleen")
     assert s.GetNumberOfLayers() == 2
     with pytest.raises(ex.ExportError, match="segments 'liver' and 'spleen' overlap in 4 voxels"):
-        ex.case_labelmap(scene, d, vol, ex.collect_classes([d]).classes)
+        ex.case_labelmap(scene, d, vol, sc.collect_classes([d]).classes)
 
     # no source volume, a segmentation far away from its volume, a non-linear transform
     lone = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lonely")
@@ -308,7 +309,7 @@ def test_class_disagreements_overlaps_and_bad_links_are_one_line_errors(scene, t
 
 
 # ------------------------------------------------------------------------------------------ import
-CLASSES = [ex.ClassEntry(1, "liver", RED, LIVER_TERM), ex.ClassEntry(2, "spleen", GREEN), ex.ClassEntry(3, "kidney", BLUE)]
+CLASSES = [sc.ClassEntry(1, "liver", RED, LIVER_TERM), sc.ClassEntry(2, "spleen", GREEN), sc.ClassEntry(3, "kidney", BLUE)]
 
 
 def test_engine_prediction_imports_with_names_colours_geometry_and_voxels(scene, tmp_path):
@@ -325,11 +326,11 @@ def test_engine_prediction_imports_with_names_colours_geometry_and_voxels(scene,
                            [ClassInfo(c.value, f"class_{c.value}", (0.5, 0.5, 0.5)) for c in CLASSES])
         node = im.import_segmentation(scene, tmp_path / f"{stem}.seg.nrrd", vol, classes=CLASSES)
         assert node.GetName() == f"{vol.GetName()} SemiSeg"
-        segs = ex.segments_of(node)
+        segs = sc.segments_of(node)
         assert [(sid, g.GetName()) for sid, g in segs] == [("Segment_1", "liver"), ("Segment_2", "spleen"),
                                                            ("Segment_3", "kidney")]  # the empty class is kept
         assert [g.GetColor() for _, g in segs] == [pytest.approx(c.color) for c in CLASSES]
-        assert ex.segment_terminology(segs[0][1]) == LIVER_TERM
+        assert sc.segment_terminology(segs[0][1]) == LIVER_TERM
         assert ex.source_volume(node) is vol
         # voxels on the volume's grid (C: the volume is under a transform, the prediction in world space)
         geometry = im.labelmap_geometry(node)
@@ -372,8 +373,8 @@ def test_real_segmenter_output_and_labelmap_path(scene, tmp_path):
     np.testing.assert_array_equal(labels, pred.array.transpose(2, 1, 0))
     node2 = im.import_labelmap(scene, result["labelmap"], CLASSES, vol, name="from labelmap")
     present = [c for c in CLASSES if (pred.array == c.value).any()]
-    assert [g.GetName() for _, g in ex.segments_of(node2)] == [c.name for c in present]
-    assert [g.GetColor() for _, g in ex.segments_of(node2)] == [pytest.approx(c.color) for c in present]
+    assert [g.GetName() for _, g in sc.segments_of(node2)] == [c.name for c in present]
+    assert [g.GetColor() for _, g in sc.segments_of(node2)] == [pytest.approx(c.color) for c in present]
     labels2, ids2 = mrml_labels(scene, node2, vol)
     # label i+1 in mrml_labels is the i-th segment: map back to class values
     remap = np.array([0] + [c.value for c in present])
@@ -492,14 +493,14 @@ def test_logic_trains_and_segments_a_real_scene(scene, tmp_path, semiseg_module,
     assert logic.plot.values("iteration") == [5, 10]
     (cls,) = logic.model["classes"]  # with the segment's terminology (Slicer's default "Tissue" here)
     assert (cls["value"], cls["name"], cls["color"]) == (1, "disk", list(RED))
-    assert cls["terminology"] == ex.segment_terminology(ex.segments_of(seg)[0][1])
+    assert cls["terminology"] == sc.segment_terminology(sc.segments_of(seg)[0][1])
     assert not logic.isRunning and not logic.canResume()
 
     nodes = logic.segment([unlabeled[0]], device="cpu", show3D=True)
     assert [n.GetName() for n in nodes] == ["unlabeled 1 SemiSeg"]
-    (sid, segment), = ex.segments_of(nodes[0])
+    (sid, segment), = sc.segments_of(nodes[0])
     assert (sid, segment.GetName()) == ("Segment_1", "disk") and segment.GetColor() == pytest.approx(RED)
-    assert ex.source_volume(nodes[0]) is unlabeled[0] and ex.segment_terminology(segment) == cls["terminology"]
+    assert ex.source_volume(nodes[0]) is unlabeled[0] and sc.segment_terminology(segment) == cls["terminology"]
     assert nodes[0].GetSegmentation().ContainsRepresentation("Closed surface")
     label_file = next((Path(logic.jobDir) / "predictions").glob("*.label.nrrd"))
     pred, _ = read_label(label_file)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .mrml_export import ClassEntry, vtk_matrix, class_key, collect_classes, segments_of, world_ijk_to_ras
+from .mrml_export import vtk_matrix, world_ijk_to_ras
+from .segment_classes import ClassEntry, class_key, collect_classes, segments_of
 from .mrml_import import ImportError_, apply_classes
 
 UNCERTAINTY_COLORS = "SemiSeg uncertainty"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .mrml_export import ClassEntry, class_key, world_ijk_to_ras
+from .mrml_export import world_ijk_to_ras
+from .segment_classes import ClassEntry, class_key
 
 
 class ImportError_(Exception):
