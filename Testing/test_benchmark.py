@@ -317,3 +317,21 @@ def test_header_names_the_protocol(tmp_path):
     assert "- Protocol: SemiSeg protocol (val-selected)" in honest and "paper protocol" not in honest
     assert "- Protocol: paper protocol (test-selected)" in paper
     assert "checked every 200 iterations from iteration 400" in paper
+
+
+def test_a_run_another_benchmark_is_training_is_refused_before_anything_is_written_there(tmp_path):
+    """A second benchmark over the same folder while the first trains a run (its lock held by a live process):
+    one line naming the owner, and nothing of the second one's (run record, stderr log) in that run's folder."""
+    import socket
+    spec, = B.plan_grid("phantom:6", ["supervised"], [2], [1337], tmp_path, dict(TINY))
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        spec.dir.mkdir(parents=True)
+        (spec.dir / ".semiseg.lock").write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname(),
+                                                             "time": 0}))
+        with pytest.raises(SemiSegError, match=f"is in use by process {owner.pid} on host"):
+            B.run_grid([spec], isolate=True, plots=False)
+        assert sorted(p.name for p in spec.dir.iterdir()) == [".semiseg.lock"]
+    finally:
+        owner.kill()
+        owner.wait()

@@ -40,6 +40,25 @@ def _owner(lock: Path) -> dict | None:
         return None
 
 
+def _busy(run_dir: Path, owner: dict) -> SemiSegError:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("time", 0)))
+    return SemiSegError(f"run folder {run_dir} is in use by process {owner.get('pid')} on host "
+                        f"{owner.get('host')} (since {since}); wait for it, stop it, or use another --out")
+
+
+def check_free(run_dir: str | Path) -> None:
+    """SemiSegError (the line :func:`acquire` would give) if another live process holds ``run_dir``; for
+    callers that would write into the folder (a log, a record) before the process that takes it starts."""
+    run_dir = Path(run_dir).resolve()
+    lock = run_dir / LOCK_FILE
+    owner = _owner(lock) if lock.exists() and lock not in _held else None
+    if owner is None:
+        return
+    mine = owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
+    if not mine and not (owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0)))):
+        raise _busy(run_dir, owner)
+
+
 def acquire(run_dir: str | Path) -> Path:
     """Take the run folder for this process (idempotent); SemiSegError if another live process has it."""
     run_dir = Path(run_dir).resolve()
@@ -61,9 +80,7 @@ def acquire(run_dir: str | Path) -> Path:
                 return lock
             stale = owner is None or (owner.get("host") == me["host"] and not _alive(int(owner.get("pid", 0))))
             if not stale:
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("time", 0)))
-                raise SemiSegError(f"run folder {run_dir} is in use by process {owner.get('pid')} on host "
-                                   f"{owner.get('host')} (since {since}); wait for it, stop it, or use another --out")
+                raise _busy(run_dir, owner)
             lock.unlink(missing_ok=True)  # its process is gone: take the folder over
             continue
         with os.fdopen(fd, "w") as f:

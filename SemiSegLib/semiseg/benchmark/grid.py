@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .. import runlock
 from ..atomic import atomic_write
 from ..errors import CancelledError, SemiSegError
 from .child import _run_child, _train_run
@@ -178,6 +179,7 @@ def run_grid(specs: list[RunSpec], on_event: EventHandler | None = None, should_
             continue
         if stop():
             raise CancelledError(f"benchmark cancelled before {spec.name}; run the same command again to continue")
+        runlock.check_free(spec.dir)  # another benchmark is training it: one line, nothing written there
         emit({"event": "log", "level": "info", "run": spec.name,
               "message": f"{tag}: {'resuming' if state == 'resume' else 'training'} → {spec.dir}"})
         _record_run(spec, state, command)
