@@ -46,16 +46,21 @@ def _busy(run_dir: Path, owner: dict) -> SemiSegError:
                         f"{owner.get('host')} (since {since}); wait for it, stop it, or use another --out")
 
 
+def _is_mine(owner: dict) -> bool:
+    return owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
+
+
+def _is_stale(owner: dict | None) -> bool:
+    """No readable owner, or an owner on this host whose process is gone: the folder may be taken over."""
+    return owner is None or (owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0))))
+
+
 def check_free(run_dir: str | Path) -> None:
     """SemiSegError (the line :func:`acquire` would give) if another live process holds ``run_dir``; for
     callers that would write into the folder (a log, a record) before the process that takes it starts."""
     run_dir = Path(run_dir).resolve()
-    lock = run_dir / LOCK_FILE
-    owner = _owner(lock) if lock.exists() and lock not in _held else None
-    if owner is None:
-        return
-    mine = owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
-    if not mine and not (owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0)))):
+    owner = _owner(run_dir / LOCK_FILE)
+    if not _is_stale(owner) and not _is_mine(owner):
         raise _busy(run_dir, owner)
 
 
@@ -75,11 +80,10 @@ def acquire(run_dir: str | Path) -> Path:
             if owner is None:  # being written right now, or garbage: look again
                 time.sleep(0.05)
                 owner = _owner(lock)
-            if owner is not None and owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
+            if owner is not None and _is_mine(owner):
                 _held.add(lock)
                 return lock
-            stale = owner is None or (owner.get("host") == me["host"] and not _alive(int(owner.get("pid", 0))))
-            if not stale:
+            if not _is_stale(owner):
                 raise _busy(run_dir, owner)
             lock.unlink(missing_ok=True)  # its process is gone: take the folder over
             continue

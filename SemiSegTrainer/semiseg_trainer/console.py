@@ -12,6 +12,14 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _budget_note(started: dict) -> str:
+    """What a budgeted run's start line adds: its iteration count is an upper bound until the speed is known."""
+    if not started.get("time_budget_s"):
+        return ""
+    return (f" at most; the {_fmt_time(started['time_budget_s'])} time budget sets the count once it has "
+            "measured the speed")
+
+
 class Reporter:
     def __init__(self, json_lines: bool | None = None, stream=None):
         self.stream = stream or sys.stdout
@@ -43,10 +51,8 @@ class Reporter:
             if self._open_line:
                 self.stream.write("\n")
                 self._open_line = False
-            budget = (f" at most; the {_fmt_time(e['time_budget_s'])} time budget sets the count once it has "
-                      "measured the speed" if e.get("time_budget_s") else "")
             msg = {"started": lambda: f"training {e.get('method')} on {e.get('data')} ({e.get('device')}), "
-                                      f"iterations {e.get('iteration')}→{e.get('iterations')}{budget}",
+                                      f"iterations {e.get('iteration')}→{e.get('iterations')}{_budget_note(e)}",
                    "budget": lambda: f"time budget: {e.get('iterations')} iterations at {e.get('seconds_per_iteration')} "
                                      f"s/it, validation every {e.get('val_every')}, "
                                      f"{_fmt_time(e.get('remaining_s', 0))} left",

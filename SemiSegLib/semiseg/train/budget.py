@@ -78,7 +78,7 @@ class TimeBudget:
 
     def state_dict(self) -> dict:
         """What a resumed run needs: the seconds used so far and the recipe the schedule is scaled from."""
-        return {"seconds": self.seconds, "used_s": self.elapsed(), "recipe": {
+        return {"used_s": self.elapsed(), "recipe": {
             "iterations": self.recipe_iterations, "val_every": self.recipe_val_every,
             "lr_step": self.recipe_lr_step, "options": dict(self.recipe_options)}}
 
