@@ -16,7 +16,7 @@ OPTIONS = {
                 "--uncertainty"],
     "suggest": ["--model", "--input", "--n", "--strategy", "--seed", "--diversity", "--device"],
     "loop-sim": ["--data", "--strategies", "--seeds", "--seed", "--rounds", "--per-round", "--iterations",
-                 "--finetune-iterations", "--scratch", "--no-scratch", "--scratch-all", "--out", "--lr"],
+                 "--finetune-iterations", "--scratch", "--no-scratch", "--scratch-all", "--out", "--lr", "--set"],
     "evaluate": ["--model", "--data", "--split", "--labeled", "--val-split", "--test-split", "--empty",
                  "--largest-component", "--lcc", "--device", "--out"],
     "demo": ["--out", "--method", "--iterations", "--device", "--resume"],

@@ -142,6 +142,62 @@ def test_loop_sim_reveals_the_picks_and_chains_the_versions(tmp_path):
         assert 0 <= r["dice_warm"] <= 1 and 0 <= r["dice_scratch"] <= 1
 
 
+def _small_acdc(root, frames: dict[str, int], shape=(20, 24)):
+    """A folder in the SSL4MIS ACDC layout: per frame, its slices under data/slices/ (listed out of slice order,
+    as train_slices.list is), two validation volumes; every pixel of slice k of frame f holds 10 * f + k."""
+    import h5py
+    import numpy as np
+    (root / "data" / "slices").mkdir(parents=True)
+    names = []
+    rng = np.random.default_rng(0)
+    for f, (frame, depth) in enumerate(frames.items()):
+        for k in rng.permutation(depth):
+            image = np.full(shape, 10.0 * f + k, np.float32)
+            label = np.zeros(shape, np.uint8)
+            label[4:12, 5:15] = 1 + k % 3
+            with h5py.File(root / "data" / "slices" / f"{frame}_slice_{k}.h5", "w") as h:
+                h["image"], h["label"] = image, label
+            names.append(f"{frame}_slice_{k}")
+    (root / "train_slices.list").write_text("\n".join(names) + "\n")
+    for v in ("patient090_frame01", "patient091_frame01"):
+        with h5py.File(root / "data" / f"{v}.h5", "w") as h:
+            h["image"] = rng.normal(size=(3, *shape)).astype(np.float32)
+            h["label"] = np.pad(np.ones((3, 8, 10), np.uint8), ((0, 0), (4, shape[0] - 12), (5, shape[1] - 15)))
+    (root / "val.list").write_text("patient090_frame01\npatient091_frame01\n")
+    return root
+
+
+def test_acdc_slices_are_revealed_as_whole_scans(tmp_path):
+    """On ACDC the loop's unit is a scan (a patient frame): its slices are scored together as one volume
+    stacked in slice order, and revealing it labels all its slices at once."""
+    import numpy as np
+    from semiseg.data.datasets import load_dataset
+    from semiseg.loop_sim import _scan_image, _scans, simulate
+    frames = {"patient001_frame01": 3, "patient001_frame12": 4, "patient002_frame01": 2, "patient003_frame01": 3}
+    data = f"acdc:{_small_acdc(tmp_path / 'acdc', frames)}"
+    scans = _scans(load_dataset(data, 99))
+    assert {k: len(v) for k, v in scans.items()} == frames  # grouped, in the list's order
+    stacked = _scan_image(scans["patient001_frame12"])()
+    assert stacked.name == "patient001_frame12" and stacked.array.shape == (24, 20, 4)  # (x, y, z)
+    assert [float(stacked.array[0, 0, z]) for z in range(4)] == [10.0, 11.0, 12.0, 13.0]  # slice order
+
+    common = {"patch_size": (16, 16), "labeled_batch": 2, "unlabeled_batch": 2, "val_every": 2, "threads": 1,
+              "device": "cpu", "method": "mean_teacher",
+              "method_options": {"consistency_delay": 3, "rampup_iterations": 5}}
+    rows = simulate(data, "entropy", 0, 2, 1, 4, 2, tmp_path / "sim", common)
+    assert rows[0]["labeled"] == 1 and all(len(r["picked"]) == 1 and r["picked"][0] in frames for r in rows[1:])
+    revealed = ["patient001_frame01"] + [r["picked"][0] for r in rows[1:]]
+    labeled = load_checkpoint(tmp_path / "sim" / "round2" / "best.pt")["meta"]["labeled_cases"]
+    assert sorted(labeled) == sorted(f"{f}_slice_{k}" for f in revealed for k in range(frames[f]))
+    # the given ramps apply to the runs from scratch; a warm round starts past them (the finetune schedule)
+    options = {d: json.loads((tmp_path / "sim" / d / "config.json").read_text())["method_options"]
+               for d in ("round0", "round1", "round1_scratch")}
+    assert (options["round0"]["consistency_delay"], options["round0"]["rampup_iterations"]) == (3, 5)
+    assert (options["round1_scratch"]["consistency_delay"], options["round1_scratch"]["rampup_iterations"]) == (3, 5)
+    assert (options["round1"]["consistency_delay"], options["round1"]["rampup_iterations"]) == (0, 0)
+    assert np.isfinite(rows[-1]["dice_warm"])
+
+
 def _case_list_job(root, src, cases_dir, shifted: bool):
     """A Slicer-style train job: a case list (corrected segmentations as labelmaps) and init_from."""
     from semiseg.data.io import write_labelmap, write_volume

@@ -22,6 +22,7 @@ from SemiSegSlicerLib import mrml_export as ex  # noqa: E402
 from SemiSegSlicerLib import segment_classes as sc  # noqa: E402
 from SemiSegSlicerLib import mrml_import as im  # noqa: E402
 from semiseg.data.io import read_volume, write_volume  # noqa: E402
+from semiseg.predict import Segmenter  # noqa: E402
 from semiseg_trainer import protocol  # noqa: E402
 from test_slicer_mrml import GEOM_A, GEOM_B, RED, add_segmentation, add_volume, matrix  # noqa: E402
 
@@ -120,9 +121,9 @@ from test_slicer_mrml import disk_volume, semiseg_module, standin, tiny_scene_an
 
 def test_label_next_correct_and_retrain_on_a_real_scene(scene, tmp_path, semiseg_module, standin):
     """The loop through the Logic with real trainer processes: rank the unlabeled volumes, segment the best one
-    with its uncertainty map, a corrected segmentation joins the labeled cases, the retrain warm-starts from the
-    model (its first-iteration loss is the loaded model's loss on the same batch) and becomes version v2 while
-    v1 stays as it was."""
+    with its uncertainty map (entropy, then a map named as "Rank by" names it), a corrected segmentation joins
+    the labeled cases, the retrain warm-starts from the model (its first-iteration loss is the loaded model's
+    loss on the same batch) and becomes version v2 while v1 stays as it was."""
     import shutil
     from test_finetune import reference_first_loss
     logic, seg, unlabeled = tiny_scene_and_logic(scene, tmp_path, semiseg_module)
@@ -145,6 +146,14 @@ def test_label_next_correct_and_retrain_on_a_real_scene(scene, tmp_path, semiseg
     values = slicer.util.arrayFromVolume(umap)
     assert values.shape == slicer.util.arrayFromVolume(best["node"]).shape and 0 <= values.min() <= values.max() <= 1
     assert 0 <= finished[0].uncertaintyScores[0] <= 1
+    # a named map: the panel's "Rank by" margin gives the engine's margin map of the exported volume
+    finished = []
+    logic.segment([best["node"]], device="cpu", uncertainty="margin", finishedCallback=finished.append, timeout=240)
+    (margin,) = finished[0].uncertaintyNodes
+    (exported,) = (Path(logic.jobDir) / "inputs").glob("*.nrrd")
+    _, expected = Segmenter(logic.model["checkpoint"], "cpu").uncertainty_on_grid(read_volume(exported), "margin")
+    assert slicer.util.arrayFromVolume(margin) == pytest.approx(expected.transpose(2, 1, 0), abs=1e-6)  # (z, y, x)
+    assert not np.allclose(slicer.util.arrayFromVolume(margin), values)  # not the entropy map again
 
     # the user corrects the result (here: draws the true disk, named in other case) and adds it
     shift = unlabeled.index(best["node"]) + 1

@@ -1,7 +1,7 @@
 """``semiseg loop-sim``: the label-correct-retrain loop simulated on a fully labeled dataset.
 
-Round 0 trains from scratch on one labeled training volume (the others are the unlabeled pool). Each round
-then asks the current model for ``per_round`` volumes (:func:`semiseg.suggest.suggest`), reveals their ground
+Round 0 trains from scratch on one labeled training scan (the others are the unlabeled pool). Each round
+then asks the current model for ``per_round`` scans (:func:`semiseg.suggest.suggest`), reveals their ground
 truth (standing in for the user's corrected segmentation), and warm-starts a new version from the current
 one (``init_from``, ``finetune_iterations``). Beside it, the *scratch* arm trains a fresh model on the same
 labeled set for the warm chain's total iterations so far (equal total training), so warm start is compared
@@ -12,20 +12,54 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from .atomic import atomic_write
 from .data.datasets import CaseRef, DataSplits, load_dataset
+from .data.volume import Volume
 from .errors import SemiSegError
 
 
+def _scans(full: DataSplits) -> dict[str, list[CaseRef]]:
+    """The training cases grouped by the scan they belong to, in the dataset's order: the unit a user labels.
+    A case that is a whole scan is its own group; ACDC's 2D slices group into their patient frame."""
+    groups: dict[str, list[CaseRef]] = {}
+    for r in full.labeled:
+        groups.setdefault(r.scan_name, []).append(r)
+    return groups
+
+
+def _slice_index(name: str) -> int:
+    digits = re.search(r"(\d+)$", name)
+    return int(digits.group(1)) if digits else 0
+
+
+def _scan_image(refs: list[CaseRef]) -> Callable[[], Volume]:
+    """A scan's image loader: the case's own, or its 2D slices stacked along z in slice-number order."""
+    if len(refs) == 1 and not refs[0].scan:
+        return refs[0].image_loader
+
+    def load() -> Volume:
+        slices = [r.image() for r in sorted(refs, key=lambda r: _slice_index(r.name))]
+        if any(s.array.ndim != 2 for s in slices):
+            raise SemiSegError(f"scan {refs[0].scan_name}: its cases are not 2D slices")
+        return Volume(np.stack([s.array for s in slices], axis=-1), slices[0].geometry, refs[0].scan_name,
+                      spacing_known=slices[0].spacing_known)
+    return load
+
+
 def _splits(full: DataSplits, labeled: list[str]) -> DataSplits:
-    """``full`` (every training case labeled) with only ``labeled`` keeping its label; the rest unlabeled."""
-    lab = [r for r in full.labeled if r.name in labeled]
-    pool = [CaseRef(r.name, r.image_loader, None, r.sources) for r in full.labeled if r.name not in labeled]
+    """``full`` (every training case labeled) with only the cases of the ``labeled`` scans keeping their label;
+    the rest unlabeled."""
+    lab = [r for r in full.labeled if r.scan_name in labeled]
+    pool = [dataclasses.replace(r, label_loader=None) for r in full.labeled if r.scan_name not in labeled]
     return dataclasses.replace(full, labeled=lab, unlabeled=pool,
-                               description=f"{len(lab)} labeled + {len(pool)} unlabeled (loop simulation)")
+                               description=f"{len(labeled)} labeled scans ({len(lab)} cases) + {len(pool)} "
+                                           f"unlabeled cases (loop simulation)")
 
 
 def _train(explicit: dict, data: DataSplits, out: Path, on_event) -> float:
@@ -34,6 +68,18 @@ def _train(explicit: dict, data: DataSplits, out: Path, on_event) -> float:
     cfg, data, _ = prepare_run(explicit, None, out, data=data)
     summary = Trainer(cfg, out, data=data, on_event=on_event).run()
     return float(summary.get("best_val_dice") or summary.get("val", {}).get("mean", {}).get("dice", 0.0))
+
+
+def _past_ramps(explicit: dict) -> dict:
+    """``explicit`` without the method's iteration-valued ramps and delays: a warm-started round starts past
+    them (the ``finetune`` schedule sets them to 0), whatever the runs from scratch were given."""
+    options = explicit.get("method_options")
+    if not options:
+        return explicit
+    from .config import resolve_config
+    from .methods import get_method
+    ramps = get_method(explicit.get("method") or resolve_config({"data": explicit["data"]}).method).schedule_options
+    return {**explicit, "method_options": {k: v for k, v in options.items() if k not in ramps}}
 
 
 def simulate(data: str, strategy: str, seed: int, rounds: int, per_round: int, iterations: int,
@@ -47,10 +93,11 @@ def simulate(data: str, strategy: str, seed: int, rounds: int, per_round: int, i
     common = dict(common or {})
     probe = load_dataset(data)
     full = load_dataset(data, len(probe.labeled) + len(probe.unlabeled))  # every training case labeled: the truth
-    if len(full.labeled) < 1 + rounds * per_round:
-        raise SemiSegError(f"{data} has {len(full.labeled)} training volumes: too few for {rounds} rounds of "
+    scans = _scans(full)
+    if len(scans) < 1 + rounds * per_round:
+        raise SemiSegError(f"{data} has {len(scans)} training scans: too few for {rounds} rounds of "
                            f"{per_round} after the first")
-    labeled = [full.labeled[0].name]
+    labeled = [next(iter(scans))]
     base = {**common, "data": data, "seed": seed}
     model = initial or out / "round0"
     if initial is None:
@@ -60,14 +107,14 @@ def simulate(data: str, strategy: str, seed: int, rounds: int, per_round: int, i
              "dice_warm": dice0.get("best_val_dice") or dice0["val"]["mean"]["dice"], "dice_scratch": None}]
     total = iterations
     for k in range(1, rounds + 1):
-        split = _splits(full, labeled)
         seg = Segmenter(model, "cpu")
-        ranking = suggest(seg, [(r.name, r.image_loader) for r in split.unlabeled], per_round, strategy, seed + k)
+        pool = [(name, _scan_image(refs)) for name, refs in scans.items() if name not in labeled]
+        ranking = suggest(seg, pool, per_round, strategy, seed + k)
         picked = [r["input"] for r in ranking if r["picked"]]
         labeled = labeled + picked
         total += finetune_iterations
         warm_dir = out / f"round{k}"
-        warm = _train({**base, "init_from": str(model), "iterations": finetune_iterations},
+        warm = _train({**_past_ramps(base), "init_from": str(model), "iterations": finetune_iterations},
                       _splits(full, labeled), warm_dir, on_event)
         row = {"round": k, "labeled": len(labeled), "picked": picked, "iterations": total, "dice_warm": warm,
                "dice_scratch": None}

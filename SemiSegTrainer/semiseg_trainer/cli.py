@@ -85,12 +85,16 @@ def build_parser(method: str) -> argparse.ArgumentParser:
 
     ls = sub.add_parser("loop-sim", help="simulate the label-correct-retrain loop on a labeled dataset",
                         description=description(loop_sim.cmd_loop_sim))
-    ls.add_argument("--data", required=True, help="a fully labeled dataset: phantom[:N], phantom_ct[:N], a folder")
+    ls.add_argument("--data", required=True, help="a fully labeled dataset: phantom[:N], phantom_ct[:N], a folder, "
+                                                  "acdc:PATH (a scan is a patient frame, its slices together)")
     ls.add_argument("--strategies", default="entropy,random", help="comma-separated suggestion strategies")
     ls.add_argument("--seeds", type=int, default=3, help="seeds SEED ... SEED+N-1")
     ls.add_argument("--seed", type=int, default=1337)
     ls.add_argument("--rounds", type=int, default=3)
-    ls.add_argument("--per-round", type=int, default=1, help="volumes revealed per round")
+    ls.add_argument("--per-round", type=int, default=1, help="scans revealed per round")
+    ls.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="a hyper-parameter of the method (repeatable); its iteration-valued ramps and delays apply "
+                         "to the runs from scratch, the warm-started rounds start past them")
     ls.add_argument("--iterations", type=int, default=200, help="round-0 training iterations")
     ls.add_argument("--finetune-iterations", type=int, default=100, help="iterations of each warm-started round")
     ls.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=True,

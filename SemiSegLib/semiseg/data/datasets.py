@@ -36,6 +36,11 @@ class CaseRef:
     sources: tuple[str, ...] = ()  # files the case is read from (keys the preprocessing cache); () = in memory
     label_key: str = ""  # what besides the files changes the loaded label (the class matching): a cache key part
     original: "CaseRef | None" = None  # a planned (preprocessed) case: the case as it came, for final scoring
+    scan: str = ""  # the scan a 2D slice was cut from (ACDC's patientNNN_frameNN); "" = the case is a whole scan
+
+    @property
+    def scan_name(self) -> str:
+        return self.scan or self.name
 
     @property
     def has_label(self) -> bool:
@@ -151,7 +156,8 @@ def load_acdc(root: Path, labeled: int, val_split: str | None, test_split: str |
     def slice_ref(name: str, with_label: bool) -> CaseRef:
         p = root / "data" / "slices" / f"{name}.h5"
         return CaseRef(name, partial(read_acdc_h5, p, "image", name),
-                       partial(read_acdc_h5, p, "label", name) if with_label else None)
+                       partial(read_acdc_h5, p, "label", name) if with_label else None,
+                       scan=name.rsplit("_slice_", 1)[0])
 
     val_names = _read_list(Path(val_split)) if val_split else _read_list(root / "val.list")
     return DataSplits(

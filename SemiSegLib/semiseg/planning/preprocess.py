@@ -177,7 +177,7 @@ class Preprocessor:
     def wrap(self, ref: CaseRef) -> CaseRef:
         return CaseRef(ref.name, lambda: self.get(ref, "image"),
                        (lambda: self.get(ref, "label")) if ref.label_loader is not None else None, ref.sources,
-                       ref.label_key, original=ref)
+                       ref.label_key, original=ref, scan=ref.scan)
 
     def cache_size_bytes(self) -> int:
         folder = self.cache_dir / self.plan_key

@@ -4,18 +4,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import protocol
-from ..options import split_args
+from ..options import parse_method_sets, split_args
 
 LOOP_SIM_OWN = ("data", "labeled", "iterations", "seed", "init_from", "finetune_fraction")  # set by the simulation
 
 
 def cmd_loop_sim(ns, reporter) -> int:
-    """Start from 1 labeled training volume; each round suggest PER_ROUND volumes, reveal their ground truth,
+    """Start from 1 labeled training scan; each round suggest PER_ROUND scans, reveal their ground truth,
     warm-start a new version (and, for comparison, train from scratch for the same total iterations);
-    validation Dice per round, per strategy, over seeds. Example: semiseg loop-sim --data phantom:10
+    validation Dice per round, per strategy, over seeds. A scan is a volume (ACDC: a patient frame, its
+    slices together). Example: semiseg loop-sim --data phantom:10
     --strategies entropy,random --seeds 3 --rounds 3 --out sim/"""
+    from semiseg.config import resolve_config
     from semiseg.loop_sim import format_table, simulate_strategies
     common = {k: v for k, v in split_args(ns).items() if k not in LOOP_SIM_OWN}
+    method = common.get("method") or resolve_config({"data": ns.data}).method
+    options = parse_method_sets(ns.set, [method]).get(method)
+    if options:
+        common["method_options"] = options
     strategies = [s for s in ns.strategies.replace(" ", "").split(",") if s]
     out = Path(ns.out)
 
