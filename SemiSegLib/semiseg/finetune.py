@@ -48,10 +48,16 @@ def inherited_values(source: dict, given: dict) -> dict:
     out = {k: cfg[k] for k in INHERITED if k in cfg and k not in given}
     method = given.get("method", cfg.get("method"))
     if method == cfg.get("method") and "method_options" in cfg:
-        from .methods import get_method
-        ramps = getattr(get_method(method), "schedule_options", ())
-        out["method_options"] = {k: v for k, v in cfg["method_options"].items() if k not in ramps}
+        out["method_options"] = without_ramps(method, cfg["method_options"])
     return out
+
+
+def without_ramps(method: str, options: dict) -> dict:
+    """``options`` less ``method``'s iteration-valued ramps and delays (``Method.schedule_options``): a warm
+    start is past them."""
+    from .methods import get_method
+    ramps = getattr(get_method(method), "schedule_options", ())
+    return {k: v for k, v in options.items() if k not in ramps}
 
 
 def finetune_config(cfg, given: dict, source: dict):
@@ -123,4 +129,4 @@ def describe(cfg, source: dict) -> dict:
 
 
 __all__ = ["INHERITED", "check_classes", "check_out_dir", "check_something_new", "describe", "finetune_config",
-           "inherited_values", "source_checkpoint", "warm_start"]
+           "inherited_values", "source_checkpoint", "warm_start", "without_ramps"]

@@ -77,9 +77,8 @@ def _past_ramps(explicit: dict) -> dict:
     if not options:
         return explicit
     from .config import resolve_config
-    from .methods import get_method
-    ramps = get_method(explicit.get("method") or resolve_config({"data": explicit["data"]}).method).schedule_options
-    return {**explicit, "method_options": {k: v for k, v in options.items() if k not in ramps}}
+    from .finetune import without_ramps
+    return {**explicit, "method_options": without_ramps(resolve_config(explicit).method, options)}
 
 
 def simulate(data: str, strategy: str, seed: int, rounds: int, per_round: int, iterations: int,

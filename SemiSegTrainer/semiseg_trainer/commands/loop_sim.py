@@ -18,7 +18,7 @@ def cmd_loop_sim(ns, reporter) -> int:
     from semiseg.config import resolve_config
     from semiseg.loop_sim import format_table, simulate_strategies
     common = {k: v for k, v in split_args(ns).items() if k not in LOOP_SIM_OWN}
-    method = common.get("method") or resolve_config({"data": ns.data}).method
+    method = resolve_config({**common, "data": ns.data}).method
     options = parse_method_sets(ns.set, [method]).get(method)
     if options:
         common["method_options"] = options
