@@ -11,7 +11,7 @@ set for about ``VALIDATIONS`` validations over the run (the time budget keeps th
 A 2D recipe also predicts with ``resize="bilinear"``: the network runs below the slice's resolution, and
 upsampling its logits bilinearly before the argmax (UniMatch's inference) gives smoother boundaries than
 zooming its labels back (SSL4MIS's nearest zoom); on ACDC-7 models trained 30 minutes at 128x128 it added
-1.9 (Mean Teacher) and 3.7 (supervised) validation Dice points.
+0.9-1.9 (Mean Teacher, 3 models) and 1.2-3.7 (supervised, 2 models) validation Dice points.
 On a GPU, or when the recipe fits, nothing changes. Fields the user sets win (this is a layer under the
 config file and the command line).
 
