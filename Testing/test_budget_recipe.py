@@ -34,11 +34,12 @@ def test_short_budget_recipe_for_acdc_in_30_minutes(step_cost, machine_desc, exp
     r = short_budget_recipe(1800, machine_desc, step_cost=step_cost, **ACDC)
     assert (r.patch_size, r.labeled_batch, r.unlabeled_batch, r.iterations_affordable) == expected
     assert r.val_every == 3000  # about 10 validations over the run (the budget scales the cadence with it)
-    # a 2D recipe predicts with logits upsampled bilinearly to the slice
+    # a 2D recipe predicts with logits upsampled bilinearly to the slice, averaged over its reflections
     assert r.config_values() == {"patch_size": expected[0], "labeled_batch": expected[1],
-                                 "unlabeled_batch": expected[2], "val_every": 3000, "resize": "bilinear"}
-    assert r.describe().startswith("short-budget recipe: %dx%d, batch %d+%d, bilinear inference resize"
-                                   % (*expected[0], *expected[1:3]))
+                                 "unlabeled_batch": expected[2], "val_every": 3000, "resize": "bilinear",
+                                 "tta": "reflections"}
+    assert r.describe().startswith("short-budget recipe: %dx%d, batch %d+%d, bilinear inference resize, "
+                                   "test-time reflections" % (*expected[0], *expected[1:3]))
 
 
 def test_supervised_keeps_the_size_and_halves_the_batch():
@@ -63,6 +64,7 @@ def test_3d_patches_shrink_on_every_axis_to_multiples_of_16():
     r = short_budget_recipe(7200, CPU_BF16, 3, (112, 112, 80), 2, 2, 15000, 0, 3.5)
     assert (r.patch_size, r.labeled_batch, r.val_every) == ((64, 64, 64), 2, 0)
     assert "resize" not in r.config_values()  # 3D predicts by sliding window, at the training spacing
+    assert "tta" not in r.config_values()  # and once per window (5 passes would cost a 3D model too much)
 
 
 def test_prepare_run_applies_the_recipe_under_what_the_user_sets(monkeypatch):
@@ -73,12 +75,12 @@ def test_prepare_run_applies_the_recipe_under_what_the_user_sets(monkeypatch):
     explicit = {"data": "phantom:6", "method": "mean_teacher", "device": "cpu", "threads": 2, "time_budget": "60s"}
     cfg, _, _ = prepare_run(explicit, on_recipe=told.append)
     assert (cfg.patch_size, cfg.labeled_batch, cfg.unlabeled_batch, cfg.val_every) == ((96, 96), 2, 2, 60)
-    assert cfg.resize == "bilinear"
+    assert (cfg.resize, cfg.tta) == ("bilinear", "reflections")
     assert len(told) == 1 and told[0].startswith("short-budget recipe: 96x96, batch 2+2")
     cfg, _, _ = prepare_run({**explicit, "labeled_batch": 4})
     assert (cfg.labeled_batch, cfg.unlabeled_batch) == (4, 2)
     cfg, _, _ = prepare_run({k: v for k, v in explicit.items() if k != "time_budget"})
     assert (cfg.labeled_batch, cfg.unlabeled_batch, cfg.val_every) == (4, 4, 100)  # no budget: the recipe
-    assert cfg.resize == "nearest"  # Mean Teacher's reference inference (SSL4MIS)
-    cfg, _, _ = prepare_run({**explicit, "resize": "nearest"})
-    assert cfg.resize == "nearest"  # the user's choice wins over the recipe's
+    assert (cfg.resize, cfg.tta) == ("nearest", "none")  # Mean Teacher's reference inference (SSL4MIS)
+    cfg, _, _ = prepare_run({**explicit, "resize": "nearest", "tta": "none"})
+    assert (cfg.resize, cfg.tta) == ("nearest", "none")  # the user's choice wins over the recipe's

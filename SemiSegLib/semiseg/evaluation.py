@@ -97,10 +97,11 @@ def write_evaluation(out: str | Path, name: str, summary: dict, results: list[Ca
 
 def evaluate_model(model: str | Path, data: str, split: str = "val", *, labeled: int | None = None,
                    val_split: str | None = None, test_split: str | None = None, empty: str = "zero",
-                   lcc: bool | None = None, device: str = "auto", out: str | Path | None = None) -> tuple[dict, Path]:
+                   lcc: bool | None = None, tta: str | None = None, device: str = "auto",
+                   out: str | Path | None = None) -> tuple[dict, Path]:
     """``semiseg evaluate``: a checkpoint (file or run folder) scored on a split of ``data``, written as
     ``OUT/evaluate_SPLIT.json`` and ``.csv`` (``out`` default: the model's folder). Returns the summary
-    (with model, data, split, empty and lcc) and the folder written to."""
+    (with model, data, split, empty, lcc and tta) and the folder written to. ``lcc``/``tta`` None: as trained."""
     from .checkpoint import load_checkpoint, network_from_checkpoint
     from .data.datasets import load_dataset
     from .errors import SemiSegError
@@ -109,6 +110,9 @@ def evaluate_model(model: str | Path, data: str, split: str = "val", *, labeled:
     ckpt = load_checkpoint(model)
     net = network_from_checkpoint(ckpt, dev)
     meta = ckpt["meta"]
+    if tta is not None:
+        from .predict import check_tta
+        meta = {**meta, "tta": check_tta(tta)}
     # the class matching the model was trained with (its --class-map) applies to the evaluated files too
     splits = load_dataset(data, labeled, val_split, test_split, meta["dim"],
                           class_map=ckpt.get("config", {}).get("class_map", ""))
@@ -118,7 +122,7 @@ def evaluate_model(model: str | Path, data: str, split: str = "val", *, labeled:
     res = evaluate_cases(net, refs, meta, full=True, empty=empty, lcc=lcc, half=dev.type == "cuda")
     s = summarize(res)
     s.update(model=ckpt["path"], data=data, split=split, empty=empty,
-             lcc=bool(lcc if lcc is not None else meta.get("lcc")))
+             lcc=bool(lcc if lcc is not None else meta.get("lcc")), tta=meta.get("tta", "none"))
     folder = Path(out) if out else Path(ckpt["path"]).parent
     write_evaluation(folder, f"evaluate_{split}", s, res)
     return s, folder

@@ -33,7 +33,7 @@ from .checkpoint import load_checkpoint
 from .errors import SemiSegError
 
 # TrainConfig fields taken from the source run when the new run does not set them
-INHERITED = ("method", "dim", "network", "upsampling", "patch_size", "resize", "labeled_batch", "unlabeled_batch",
+INHERITED = ("method", "dim", "network", "upsampling", "patch_size", "resize", "tta", "labeled_batch", "unlabeled_batch",
              "lr", "lr_schedule", "ema_decay")
 
 

@@ -1,6 +1,7 @@
 """Inference as in SSL4MIS ``code/val_2D.py`` (2D) and SS-Net ``code/utils/test_3d_patch.py`` (3D): 2D slice-wise
 with resize to the training size and back, 3D sliding
-window with overlap averaging, optional largest-connected-component post-processing."""
+window with overlap averaging, optional largest-connected-component post-processing, and optional test-time
+augmentation (SemiSeg's: the references predict once per slice or window)."""
 from __future__ import annotations
 
 import math
@@ -19,15 +20,70 @@ def _autocast(device: torch.device, half: bool):
     return torch.autocast(device.type, enabled=False)
 
 
+# Test-time augmentation: the network's softmax averaged over views of its input in the x-y plane (dims 2, 3 of
+# (B, C, X, Y[, Z])), each mapped back. ``reflections`` are the orientations the 2D and 3D training augmentation
+# of the references produces (SSL4MIS ``RandomGenerator`` and UA-MT ``RandomRotFlip``: rot90 by k, then always a
+# flip, i.e. the four reflections of the square, never a pure rotation) plus the upright view; ``flips`` the
+# upright view and a flip along x and along y. Rotations by 90/180/270 degrees are left out on purpose: the
+# network never saw them (on ACDC they lowered the Dice).
+TTA_MODES = ("none", "flips", "reflections")
+
+
+def _transpose(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(2, 3)
+
+
+def _anti_transpose(t: torch.Tensor) -> torch.Tensor:
+    return t.flip(2, 3).transpose(2, 3)
+
+
+def _anti_transpose_inverse(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(2, 3).flip(2, 3)
+
+
+def tta_views(mode: str, square: bool) -> list[tuple]:
+    """(view, inverse) pairs of ``mode``; the transposes of ``reflections`` need a square x-y plane and are
+    left out on a rectangular one (3D patches; 2D training sizes are square)."""
+    def flip(d):
+        return lambda t: t.flip(d)
+    identity = (lambda t: t, lambda t: t)
+    if mode in ("", "none"):
+        return [identity]
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation '{mode}' ({', '.join(TTA_MODES)})")
+    views = [identity, (flip(2), flip(2)), (flip(3), flip(3))]
+    if mode == "reflections" and square:
+        views += [(_transpose, _transpose), (_anti_transpose, _anti_transpose_inverse)]
+    return views
+
+
+def network_probs(net: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Softmax of ``net`` on ``x`` (float32), averaged over the test-time augmentation's views."""
+    views = tta_views(tta, x.shape[2] == x.shape[3])
+    probs = None
+    for view, inverse in views:
+        p = inverse(torch.softmax(net(view(x)).float(), 1))
+        probs = p if probs is None else probs + p
+    return probs / len(views) if len(views) > 1 else probs
+
+
+def network_logits(net: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The network's logits; with test-time augmentation the log of the averaged softmax (same argmax and
+    softmax as the average, and upsampled as logits are)."""
+    if tta in ("", "none"):
+        return net(x).float()
+    return torch.log(network_probs(net, x, tta).clamp_min(1e-12))
+
+
 @torch.no_grad()
 def predict_2d(net: torch.nn.Module, image: np.ndarray, size: tuple[int, int], resize: str = "nearest",
-               batch: int = 32, half: bool = True, return_probs: bool = False):
+               batch: int = 32, half: bool = True, return_probs: bool = False, tta: str = "none"):
     """(X, Y, Z) normalised image -> (X, Y, Z) labels, slice by slice along z.
 
     ``nearest`` (SSL4MIS): image zoomed to ``size`` with order 0, argmax, label zoomed back with order 0.
     ``bilinear`` (UniMatch/AGP): image resized bilinearly, logits upsampled bilinearly, then argmax.
     ``return_probs``: also the (C, X, Y, Z) softmax on the input grid (the argmax's own probabilities:
-    zoomed back nearest, or the softmax of the upsampled logits).
+    zoomed back nearest, or the softmax of the upsampled logits). ``tta``: one of :data:`TTA_MODES`.
     """
     device = next(net.parameters()).device
     vol = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(1)  # (Z,1,X,Y)
@@ -37,7 +93,7 @@ def predict_2d(net: torch.nn.Module, image: np.ndarray, size: tuple[int, int], r
     for s in range(0, vol.shape[0], batch):
         x = resize_image(vol[s:s + batch].to(device), size, resize)
         with _autocast(device, half):
-            logits = net(x).float()
+            logits = network_logits(net, x, tta)
         if resize == "nearest":
             out[s:s + batch] = zoom_nearest(logits.argmax(1), xy).to(torch.uint8).cpu()
             if return_probs:  # each channel zoomed as the labels are
@@ -82,12 +138,14 @@ def importance_map(patch: tuple[int, ...], sigma_scale: float = 1 / 8) -> np.nda
 
 @torch.no_grad()
 def predict_3d(net: torch.nn.Module, image: np.ndarray, patch: tuple[int, int, int], stride: tuple[int, int, int],
-               batch: int = 4, half: bool = True, return_probs: bool = False, weighting: str = "uniform"):
+               batch: int = 4, half: bool = True, return_probs: bool = False, weighting: str = "uniform",
+               tta: str = "none"):
     """Sliding window: zero-pad symmetrically up to the patch, average softmax over overlaps, argmax.
 
     ``weighting``: ``uniform`` (the literature, SS-Net ``test_3d_patch``: plain mean over the windows
     covering a voxel) or ``gaussian`` (nnU-Net-style importance map, sigma 1/8 of the patch; SemiSeg
-    option). Windows are cut ``batch`` at a time with one gather and run in half precision on a GPU."""
+    option). Windows are cut ``batch`` at a time with one gather and run in half precision on a GPU.
+    ``tta``: one of :data:`TTA_MODES`, applied to each window."""
     if weighting not in ("uniform", "gaussian"):
         raise ValueError(f"unknown weighting '{weighting}' (uniform or gaussian)")
     device = next(net.parameters()).device
@@ -108,7 +166,7 @@ def predict_3d(net: torch.nn.Module, image: np.ndarray, patch: tuple[int, int, i
         xs, ys, zs = (c[:, d, None] + ar[d] for d in range(3))
         x = vol[xs[:, :, None, None], ys[:, None, :, None], zs[:, None, None, :]].unsqueeze(1)  # (b, 1, *patch)
         with _autocast(device, half):
-            p = torch.softmax(net(x).float(), 1)
+            p = network_probs(net, x, tta)
         if w is not None:
             p = p * w
         if probs is None:
@@ -140,15 +198,18 @@ def largest_component(labels: np.ndarray, class_values: list[int]) -> np.ndarray
 
 
 def predict_volume(net: torch.nn.Module, image: np.ndarray, meta: dict, lcc: bool | None = None,
-                   stride: tuple[int, ...] | None = None, half: bool = True, return_probs: bool = False):
+                   stride: tuple[int, ...] | None = None, half: bool = True, return_probs: bool = False,
+                   tta: str | None = None):
     """Normalise as in training, predict with the checkpoint's settings, map indices to label values.
     ``return_probs``: also the (C, *image.shape) softmax (channel 0 background, then the classes in the
-    checkpoint's order; 3D: averaged over the overlapping windows), before any LCC."""
+    checkpoint's order; 3D: averaged over the overlapping windows), before any LCC. ``tta``: the test-time
+    augmentation (None = the checkpoint's, ``none`` for a model trained before it existed)."""
     img = normalize(image, meta["normalization"])
+    tta = tta if tta is not None else meta.get("tta", "none")
     probs = None
     if meta["dim"] == 2:
         pred = predict_2d(net, img if img.ndim == 3 else img[..., None], tuple(meta["patch_size"]),
-                          meta.get("resize", "nearest"), half=half, return_probs=return_probs)
+                          meta.get("resize", "nearest"), half=half, return_probs=return_probs, tta=tta)
         if return_probs:
             pred, probs = pred
         if image.ndim == 2:
@@ -156,7 +217,7 @@ def predict_volume(net: torch.nn.Module, image: np.ndarray, meta: dict, lcc: boo
             probs = probs[..., 0] if probs is not None else None
     else:
         pred = predict_3d(net, img, tuple(meta["patch_size"]), tuple(stride or meta["stride"]), half=half,
-                          weighting=meta.get("window_weighting", "uniform"), return_probs=return_probs)
+                          weighting=meta.get("window_weighting", "uniform"), return_probs=return_probs, tta=tta)
         if return_probs:
             pred, probs = pred
     values = np.array([0] + [c["value"] for c in meta["classes"]], dtype=np.int32)

@@ -15,16 +15,23 @@ from .data.io import read_volume, write_labelmap, write_volume
 from .data.segfile import write_segmentation
 from .data.volume import ClassInfo, Volume
 from .errors import SemiSegError
-from .inference import predict_volume
+from .inference import TTA_MODES, predict_volume
+
+
+def check_tta(mode: str) -> str:
+    if mode not in TTA_MODES:
+        raise SemiSegError(f"unknown test-time augmentation '{mode}' (one of: {', '.join(TTA_MODES)})")
+    return mode
 
 
 class Segmenter:
     def __init__(self, model: str | Path, device: torch.device | str = "cpu", lcc: bool | None = None,
-                 stride: tuple[int, ...] | None = None):
+                 stride: tuple[int, ...] | None = None, tta: str | None = None):
+        """``lcc``, ``stride``, ``tta``: None = as the model was trained (its checkpoint's settings)."""
         self.ckpt = load_checkpoint(model, map_location="cpu")
         self.device = torch.device(device)
         self.net = network_from_checkpoint(self.ckpt, self.device)
-        self.meta = self.ckpt["meta"]
+        self.meta = self.ckpt["meta"] if tta is None else {**self.ckpt["meta"], "tta": check_tta(tta)}
         self.classes = [ClassInfo.from_dict(c) for c in self.meta["classes"]]
         self.lcc, self.stride = lcc, stride
         self.teacher: torch.nn.Module | None = None

@@ -40,6 +40,7 @@ def _pre_method(argv: list[str]) -> str:
 
 def build_parser(method: str) -> argparse.ArgumentParser:
     from semiseg.active import DEFAULT_DIVERSITY, MAPS, STRATEGIES
+    from semiseg.inference import TTA_MODES
     p = argparse.ArgumentParser(prog="semiseg", description="SemiSeg: semi-supervised medical image segmentation.")
     p.add_argument("--json", action=argparse.BooleanOptionalAction, default=None,
                    help="progress as JSON lines (default: when stdout is not a terminal)")
@@ -63,6 +64,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     s.add_argument("--largest-component", "--lcc", dest="lcc", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the largest connected component per class (default: as trained; --lcc is an alias)")
     s.add_argument("--stride", nargs=3, type=int, help="3D sliding-window stride (default: as trained)")
+    s.add_argument("--tta", choices=list(TTA_MODES), default=None,
+                   help="test-time augmentation (default: as trained): none, flips or reflections")
     s.add_argument("--uncertainty", nargs="?", const="entropy", default=None, choices=list(MAPS), metavar="MAP",
                    help="also NAME.uncertainty.nrrd (float32, 0..1, on the input's grid), a per-volume score in the "
                         "events and OUT/uncertainty.csv. MAP: entropy (of the softmax; the default), margin, "
@@ -113,6 +116,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     e.add_argument("--empty", choices=["zero", "penalty"], default="zero", help="empty-prediction convention")
     e.add_argument("--largest-component", "--lcc", dest="lcc", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the largest connected component per class (default: as trained; --lcc is an alias)")
+    e.add_argument("--tta", choices=list(TTA_MODES), default=None,
+                   help="test-time augmentation (default: as trained): none, flips or reflections")
     e.add_argument("--device", default="auto")
     e.add_argument("--out", default=None, help="folder for evaluate_SPLIT.json/.csv (default: the model's folder)")
 

@@ -18,6 +18,7 @@ finished {status: completed|cancelled}, error {message[, details]}. Under a time
      "uncertainty": false}     # true (= "entropy") or a map's name ("margin", "teacher-disagreement",
                                # "mc-dropout"): NAME.uncertainty.nrrd + "uncertainty"/"uncertainty_score" in
                                # predicted events + uncertainty.csv (input, score) in the outputs folder
+    # optional "lcc": true/false and "tta": "none"|"flips"|"reflections" override the model's own settings
     {"schema": 1, "task": "suggest", "model": PATH, "inputs": [PATH, ...], "n": K, "strategy": "entropy",
      "seed": 0, "diversity": 0.05}   # one event {"event": "suggested", "strategy", "ranking": [{"input",
                                      # "score", "picked", "slice"}, ...]} (picks first), then finished

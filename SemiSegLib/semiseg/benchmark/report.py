@@ -121,9 +121,12 @@ def protocol_lines(records: list[RunRecord], groups: list[Group], split: str) ->
     inf = []
     for c in cfgs:
         if c.get("dim") == 2:
-            s = f"2D slice by slice, resized to {_fmt_val(c.get('patch_size'))} ({c.get('resize')}), back with nearest"
+            back = "logits upsampled bilinearly" if c.get("resize") == "bilinear" else "labels back with nearest"
+            s = f"2D slice by slice, resized to {_fmt_val(c.get('patch_size'))} ({c.get('resize')}), {back}"
         else:
             s = f"3D sliding window {_fmt_val(c.get('patch_size'))}, stride {_fmt_val(c.get('stride') or c.get('patch_size'))}"
+        if c.get("tta", "none") != "none":
+            s += f", test-time augmentation {c.get('tta')}"
         if s not in inf:
             inf.append(s)
     lines.append(f"- Inference: {'; '.join(inf)}")

@@ -11,7 +11,9 @@ set for about ``VALIDATIONS`` validations over the run (the time budget keeps th
 A 2D recipe also predicts with ``resize="bilinear"``: the network runs below the slice's resolution, and
 upsampling its logits bilinearly before the argmax (UniMatch's inference) gives smoother boundaries than
 zooming its labels back (SSL4MIS's nearest zoom); on ACDC-7 models trained 30 minutes at 128x128 it added
-0.9-1.9 (Mean Teacher, 3 models) and 1.2-3.7 (supervised, 2 models) validation Dice points.
+0.9-1.9 (Mean Teacher, 3 models) and 1.2-3.7 (supervised, 2 models) validation Dice points. It also predicts
+with ``tta="reflections"`` (:mod:`semiseg.inference`: the softmax averaged over the slice and its four in-plane
+reflections, the orientations the training augmentation produces; 5 passes of a small network per slice).
 On a GPU, or when the recipe fits, nothing changes. Fields the user sets win (this is a layer under the
 config file and the command line).
 
@@ -46,12 +48,15 @@ class ShortBudgetRecipe:
     recipe_iterations_affordable: int  # estimated, with the unchanged recipe
     reason: str
     resize: str = ""               # 2D inference resize ("" = the recipe's)
+    tta: str = ""                  # test-time augmentation ("" = the recipe's)
 
     def config_values(self) -> dict:
         out = {"patch_size": tuple(self.patch_size), "labeled_batch": self.labeled_batch,
                "unlabeled_batch": self.unlabeled_batch}
         if self.resize:
             out["resize"] = self.resize
+        if self.tta:
+            out["tta"] = self.tta
         if self.val_every:
             out["val_every"] = self.val_every
         return out
@@ -60,6 +65,7 @@ class ShortBudgetRecipe:
         size = "x".join(map(str, self.patch_size))
         return (f"short-budget recipe: {size}, batch {self.labeled_batch}+{self.unlabeled_batch}, "
                 + (f"{self.resize} inference resize, " if self.resize else "")
+                + (f"test-time {self.tta}, " if self.tta else "")
                 + f"{'about %d validations' % VALIDATIONS if self.val_every else 'no validation'} ({self.reason}; estimated "
                 f"{self.seconds_per_iteration:.2f} s/it, about {self.iterations_affordable} iterations instead "
                 f"of {self.recipe_iterations_affordable} with the full recipe; the budget measures the real speed)")
@@ -116,4 +122,5 @@ def short_budget_recipe(budget_s: float, machine: dict, dim: int, patch_size: tu
             break
     size, lb, ub, s, n, reason = choice
     cadence = max(iterations // VALIDATIONS, 1) if val_every else 0
-    return ShortBudgetRecipe(size, lb, ub, cadence, s, n, full, reason, resize="bilinear" if dim == 2 else "")
+    return ShortBudgetRecipe(size, lb, ub, cadence, s, n, full, reason, resize="bilinear" if dim == 2 else "",
+                             tta="reflections" if dim == 2 else "")

@@ -149,7 +149,7 @@ class Trainer:
         self.meta = {
             "dim": cfg.dim, "patch_size": list(cfg.patch_size), "stride": list(cfg.stride or cfg.patch_size),
             "resize": cfg.resize, "normalization": data.normalization, "lcc": cfg.lcc,
-            "window_weighting": cfg.window_weighting,
+            "window_weighting": cfg.window_weighting, "tta": cfg.tta,
             "classes": [c.to_dict() for c in data.classes], "method": cfg.method, "dataset": data.kind,
             "plan": getattr(data, "plan", None),  # semiseg.planning: segment applies the same preprocessing
             "labeled_cases": [r.name for r in data.labeled],  # a warm start from this model must add some

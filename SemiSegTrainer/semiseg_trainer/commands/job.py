@@ -125,7 +125,7 @@ def _segment(spec: dict, job: Path, spec_path: Path, tee: Emit) -> int:
         raise SemiSegError(f"{spec_path}: {e}") from None
     model = _model(spec, job)
     out = job / spec.get("outputs", "predictions")
-    seg = Segmenter(model, select_device(spec.get("device", "auto")), lcc=spec.get("lcc"))
+    seg = Segmenter(model, select_device(spec.get("device", "auto")), lcc=spec.get("lcc"), tta=spec.get("tta"))
     stop = StopFlag(job)
     tee({"event": "started", "task": "segment", "total": len(inputs), "model": str(model), "device": str(seg.device)})
     results = []

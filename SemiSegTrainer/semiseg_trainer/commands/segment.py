@@ -12,7 +12,8 @@ from ..stop import StopFlag
 def cmd_segment(ns, reporter) -> int:
     from semiseg.predict import Segmenter, expand_inputs, write_uncertainty_csv
     from semiseg.train.loop import select_device
-    seg = Segmenter(ns.model, select_device(ns.device), lcc=ns.lcc, stride=tuple(ns.stride) if ns.stride else None)
+    seg = Segmenter(ns.model, select_device(ns.device), lcc=ns.lcc, stride=tuple(ns.stride) if ns.stride else None,
+                    tta=ns.tta)
     files = expand_inputs(ns.input)
     stop = StopFlag()
     results = []
@@ -46,11 +47,13 @@ def cmd_suggest(ns, reporter) -> int:
 def cmd_evaluate(ns, reporter) -> int:
     from semiseg.evaluation import evaluate_model
     s, out = evaluate_model(ns.model, ns.data, ns.split, labeled=ns.labeled or None, val_split=ns.val_split,
-                            test_split=ns.test_split, empty=ns.empty, lcc=ns.lcc, device=ns.device, out=ns.out)
+                            test_split=ns.test_split, empty=ns.empty, lcc=ns.lcc, tta=ns.tta, device=ns.device,
+                            out=ns.out)
     if reporter.json:
         reporter({"event": "evaluated", **s})
     else:
-        print(f"{ns.split}: {s['cases']} cases, empty-prediction convention '{ns.empty}', largest component {'on' if s['lcc'] else 'off'}")
+        print(f"{ns.split}: {s['cases']} cases, empty-prediction convention '{ns.empty}', largest component {'on' if s['lcc'] else 'off'}, "
+              f"test-time augmentation {s['tta']}")
         print(format_table(s))
         print(f"written: {out / f'evaluate_{ns.split}.json'}, {out / f'evaluate_{ns.split}.csv'}")
     return protocol.EXIT_OK
