@@ -118,7 +118,7 @@ def test_the_checkpoint_setting_applies_and_an_explicit_one_wins():
 
 
 def test_segmenter_override_is_checked_in_one_line(tmp_path):
-    from semiseg.predict import check_tta
+    from semiseg.inference import check_tta
     assert check_tta("flips") == "flips"
     with pytest.raises(SemiSegError, match="unknown test-time augmentation 'd8' \\(one of: none, flips, reflections\\)"):
         check_tta("d8")

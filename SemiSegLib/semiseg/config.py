@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import SemiSegError
 from .fields import from_json
+from .inference import TTA_MODES
 from .methods import get_method
 from .presets import PRESETS, preset_for_data
 
@@ -80,7 +81,7 @@ class TrainConfig:
     # inference
     stride: tuple[int, ...] = field(default=(), metadata=_h("3D sliding-window stride (LA 18 18 4)"))
     resize: str = field(default="nearest", metadata=_h("2D inference resize: nearest (SSL4MIS) or bilinear (UniMatch/AGP: logits upsampled)", choices=["nearest", "bilinear"]))
-    tta: str = field(default="none", metadata=_h("test-time augmentation: none (the references), flips (softmax averaged over the view and its flips along x and y: 3 passes) or reflections (the view and the four in-plane reflections the rot90+flip training augmentation produces: 5 passes; flips on a non-square 3D patch). SemiSeg option; the 2D short-budget recipe uses reflections", choices=["none", "flips", "reflections"]))
+    tta: str = field(default="none", metadata=_h("test-time augmentation: none (the references), flips (softmax averaged over the view and its flips along x and y: 3 passes) or reflections (the view and the four in-plane reflections the rot90+flip training augmentation produces: 5 passes; flips on a non-square 3D patch). SemiSeg option; the 2D short-budget recipe uses reflections", choices=list(TTA_MODES)))
     window_weighting: str = field(default="uniform", metadata=_h("3D sliding window: uniform mean over overlapping windows (the literature) or gaussian (nnU-Net importance map, sigma = patch/8; SemiSeg option)", choices=["uniform", "gaussian"]))
     lcc: bool = field(default=False, metadata=_h("keep the largest connected component per class at test time (--lcc is an alias; not the lcc method)", flag="largest-component"))
     empty: str = field(default="zero", metadata=_h("empty-prediction metric convention: zero (SS-Net/BCP) or penalty (ICL)", choices=["zero", "penalty"]))

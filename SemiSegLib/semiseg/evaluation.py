@@ -111,7 +111,7 @@ def evaluate_model(model: str | Path, data: str, split: str = "val", *, labeled:
     net = network_from_checkpoint(ckpt, dev)
     meta = ckpt["meta"]
     if tta is not None:
-        from .predict import check_tta
+        from .inference import check_tta
         meta = {**meta, "tta": check_tta(tta)}
     # the class matching the model was trained with (its --class-map) applies to the evaluated files too
     splits = load_dataset(data, labeled, val_split, test_split, meta["dim"],

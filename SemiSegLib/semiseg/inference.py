@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .data.transforms import normalize, resize_image, zoom_nearest
+from .errors import SemiSegError
 
 
 def _autocast(device: torch.device, half: bool):
@@ -27,6 +28,13 @@ def _autocast(device: torch.device, half: bool):
 # upright view and a flip along x and along y. Rotations by 90/180/270 degrees are left out on purpose: the
 # network never saw them (on ACDC they lowered the Dice).
 TTA_MODES = ("none", "flips", "reflections")
+
+
+def check_tta(mode: str) -> str:
+    """``mode`` if it is one of :data:`TTA_MODES` (a user's override of a model's setting), else one line."""
+    if mode not in TTA_MODES:
+        raise SemiSegError(f"unknown test-time augmentation '{mode}' (one of: {', '.join(TTA_MODES)})")
+    return mode
 
 
 def _transpose(t: torch.Tensor) -> torch.Tensor:

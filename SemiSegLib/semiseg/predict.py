@@ -15,13 +15,7 @@ from .data.io import read_volume, write_labelmap, write_volume
 from .data.segfile import write_segmentation
 from .data.volume import ClassInfo, Volume
 from .errors import SemiSegError
-from .inference import TTA_MODES, predict_volume
-
-
-def check_tta(mode: str) -> str:
-    if mode not in TTA_MODES:
-        raise SemiSegError(f"unknown test-time augmentation '{mode}' (one of: {', '.join(TTA_MODES)})")
-    return mode
+from .inference import check_tta, predict_volume
 
 
 class Segmenter:
