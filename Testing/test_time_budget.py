@@ -164,6 +164,27 @@ def test_budgeted_run_stops_at_the_deadline_when_the_machine_slows_down(tmp_path
     assert max(e["iterations"] for e in events if e["event"] == "budget") > reached  # it had planned more
 
 
+
+@pytest.mark.parametrize("fast", [1.0, 0.5])
+def test_a_machine_that_speeds_up_gets_more_iterations_not_a_string_of_validations(tmp_path, fast):
+    """Planned at 2 s per iteration, the steps then take ``fast`` s (another program left the CPU or GPU):
+    each re-plan grows the cadence and the count, yet validations stay a cadence apart (a multiple of a
+    grown cadence is not due at the next iteration) and the planned end is extended only by iterations
+    that train at least TAIL_TRAINING_PER_VALIDATION times as long as the extra validation (5 s here)."""
+    from semiseg.train.loop import TAIL_TRAINING_PER_VALIDATION
+    tr, summary, events, clock = budgeted_run(tmp_path, "100s", lambda step: 2.0 if step < 15 else fast)
+    vals = [e["iteration"] for e in events if e["event"] == "validation"]
+    plans = [e for e in events if e["event"] == "budget"]
+    assert clock.t <= 100.0 and vals[-1] == summary["iterations"] == plans[-1]["iterations"]
+    for before, after in zip(vals, vals[1:]):
+        plan = [p for p in plans if p["iteration"] <= before][-1]  # the plan in force after `before`
+        assert after - before >= plan["val_every"] or after == plan["iterations"], (vals, plans)
+    for previous, plan in zip(plans, plans[1:]):
+        if plan["iteration"] == previous["iterations"]:  # extended at its planned end
+            more = plan["iterations"] - plan["iteration"]
+            assert more * fast >= TAIL_TRAINING_PER_VALIDATION * 5.0, plans
+
+
 def test_a_resumed_budgeted_run_gets_what_was_left_of_its_budget(tmp_path):
     """A 100 s run cancelled after 40 s of its budget resumes (on another clock) with 60 s, not a new 100 s,
     and keeps scaling its schedule from the original 600-iteration recipe."""

@@ -51,6 +51,8 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float)
     torch._foreach_add_(t, s, alpha=1 - alpha)
 
 
+TAIL_TRAINING_PER_VALIDATION = 4  # a budget's run extended at its end: training time per extra validation
+
 class Trainer:
     """Train ``cfg.method`` on ``data`` into ``out_dir`` (config.json, best.pt, last.pt, progress.jsonl,
     metrics.json). ``cfg`` and ``data`` come from :func:`semiseg.run.prepare_run`."""
@@ -241,9 +243,15 @@ class Trainer:
                   dice_per_class={k: v["dice"] for k, v in s["per_class"].items()})
         return dice
 
-    def _plan_budget(self, done: int) -> None:
-        """Fit the rest of the schedule into the time budget (train/budget.py) and record it."""
+    def _plan_budget(self, done: int, at_end: bool = False) -> None:
+        """Fit the rest of the schedule into the time budget (train/budget.py) and record it. At the planned
+        end (its model just validated) the run goes on only for iterations worth another end validation: they
+        must train at least ``TAIL_TRAINING_PER_VALIDATION`` times as long as that validation takes."""
         plan = self.budget.plan(done)
+        more = plan.iterations - done
+        if at_end and (more < 1 or more * plan.seconds_per_iteration
+                       < TAIL_TRAINING_PER_VALIDATION * plan.validation_seconds):
+            return
         apply_plan(self, plan)
         if self.dist.is_main:
             atomic_write(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
@@ -340,7 +348,7 @@ class Trainer:
                 batch = self.next_batch()
                 terms, lr = self.train_step(batch, step)
                 for k, v in terms.items():  # accumulate on device: no host sync per iteration
-                    v = v.detach().float()
+                    v = v.detach().float().to(self.device)  # a method may log a host scalar (a ramp's weight)
                     sums[k] = sums[k] + v if k in sums else v
                 n_acc += 1
                 done = step = step + 1
@@ -364,8 +372,11 @@ class Trainer:
                     sums, n_acc, last_logged = {}, 0, done
                     t_window = now
                 last_of_budget = self.budget is not None and done == cfg.iterations  # the budget's final model
-                if (cfg.val_every and self.val_refs and done >= cfg.val_from
-                        and (done % cfg.val_every == 0 or last_of_budget)):
+                # a budget re-plans its cadence as it goes: count from the last validation, since a multiple of
+                # a cadence that just grew can fall on the very next iteration
+                due = (done % cfg.val_every == 0 if self.budget is None
+                       else done - max(self.validated_at, start) >= cfg.val_every) if cfg.val_every else False
+                if cfg.val_every and self.val_refs and done >= cfg.val_from and (due or last_of_budget):
                     t0, c0 = time.perf_counter(), self.clock()
                     if main:  # rank 0 validates; the others wait (no duplicated validation work)
                         self._validate(done)
@@ -374,7 +385,7 @@ class Trainer:
                     if self.budget is not None:
                         self.budget.note_pause(self.clock() - c0, validation=True)
                         if self.budget.after_validation():
-                            self._plan_budget(done)
+                            self._plan_budget(done, at_end=last_of_budget)
                 if done % cfg.checkpoint_every == 0 and done != cfg.iterations:
                     self.elapsed = time.perf_counter() - t_start
                     c0 = self.clock()
