@@ -335,3 +335,35 @@ def test_a_run_another_benchmark_is_training_is_refused_before_anything_is_writt
     finally:
         owner.kill()
         owner.wait()
+
+
+def test_parallel_runs_overlap_and_compute_what_one_at_a_time_computes(tmp_path):
+    """`semiseg benchmark --parallel 2`: both runs are training at once (each started before either finished),
+    each gets half of the CPU threads, and each run's losses and test metrics are those of the same run trained
+    alone with that thread count."""
+    share = max(1, (os.cpu_count() or 1) // 2)
+    tiny = {k: v for k, v in TINY.items() if k != "threads"}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "SemiSegLib"), str(ROOT / "SemiSegTrainer")]))
+    args = ["benchmark", "--data", "phantom:6", "--methods", "supervised,mean_teacher", "--labeled", "2",
+            "--seeds", "1", "--no-plots", "--parallel", "2", "--out", str(tmp_path / "par"),
+            "--patch-size", "32", "32", "--deterministic"]
+    for k in ("labeled_batch", "unlabeled_batch", "iterations", "val_every", "checkpoint_every", "log_every", "device"):
+        args += ["--" + k.replace("_", "-"), str(TINY[k])]
+    p = subprocess.run([sys.executable, "-m", "semiseg_trainer", "--json", *args], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    events = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    order = [(e["event"], e["run"]) for e in events if e["event"] in ("started", "finished")]
+    assert sorted(order[:2]) == [("started", "mean_teacher-L2-s1337"), ("started", "supervised-L2-s1337")], order
+
+    serial = B.plan_grid("phantom:6", ["supervised", "mean_teacher"], [2], [1337], tmp_path / "ser",
+                         dict(tiny, threads=share))
+    B.run_grid(serial, isolate=False, plots=False)
+    for spec in serial:
+        par = tmp_path / "par" / "runs" / spec.name
+        assert json.loads((par / "config.json").read_text())["threads"] == share
+        losses = [[e["loss"] for e in map(json.loads, (d / "progress.jsonl").read_text().splitlines())
+                   if e["event"] == "iteration"] for d in (par, spec.dir)]
+        assert len(losses[0]) == TINY["iterations"] and losses[0] == losses[1]
+        test = [json.loads((d / "metrics.json").read_text())["test"]["mean"] for d in (par, spec.dir)]
+        assert test[0] == test[1]

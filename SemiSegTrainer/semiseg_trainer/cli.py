@@ -161,6 +161,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="benchmark folder (runs/, results.md, results.csv, figures)")
     b.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="training curves and a qualitative figure per run, curves overlaid per setting")
+    b.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="train N runs at once, each in a process of its own (one GPU holds several 2D runs; "
+                        "on a CPU each run gets 1/N of the threads unless --threads is given)")
     add_config_options(b, "options passed to every run (defaults from the preset; see `semiseg presets`)",
                        skip=benchmark.BENCHMARK_OWN)
 

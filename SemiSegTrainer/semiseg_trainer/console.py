@@ -26,6 +26,7 @@ class Reporter:
         self.json = (not self.stream.isatty()) if json_lines is None else json_lines
         self.last_val = ""
         self._open_line = False
+        self.tag_runs = False  # several runs report at once (benchmark --parallel): prefix lines with the run
 
     def __call__(self, e: dict) -> None:
         if self.json:
@@ -41,16 +42,17 @@ class Reporter:
                              if k not in ("event", "time", "iteration", "iterations", "lr", "it_per_s", "eta_s",
                                           "remaining_s") and isinstance(v, float))
             left = f" ({_fmt_time(e['remaining_s'])} of the budget left)" if "remaining_s" in e else ""
-            line = (f"\r[{bar}] {n}/{total} {terms} lr {e['lr']:.2e} {e['it_per_s']:.2f} it/s "
-                    f"ETA {_fmt_time(e['eta_s'])}{left}{self.last_val}")
+            tag = f"{e['run']}: " if self.tag_runs and e.get("run") else ""
+            val = "" if self.tag_runs else self.last_val  # validation lines are printed per run instead
+            line = (f"\r{tag}[{bar}] {n}/{total} {terms} lr {e['lr']:.2e} {e['it_per_s']:.2f} it/s "
+                    f"ETA {_fmt_time(e['eta_s'])}{left}{val}")
             self.stream.write(line[:200].ljust(120))
             self._open_line = True
         elif kind == "validation":
             self.last_val = f" | val Dice {100 * e['dice']:.2f} (best {100 * e['best_dice']:.2f})"
+            if self.tag_runs and e.get("run"):
+                self._line(f"{e['run']}: iteration {e.get('iteration')}{self.last_val.replace(' | ', ' ')}")
         elif kind in ("started", "finished", "log", "predicted", "error", "budget"):
-            if self._open_line:
-                self.stream.write("\n")
-                self._open_line = False
             msg = {"started": lambda: f"training {e.get('method')} on {e.get('data')} ({e.get('device')}), "
                                       f"iterations {e.get('iteration')}→{e.get('iterations')}{_budget_note(e)}",
                    "budget": lambda: f"time budget: {e.get('iterations')} iterations at {e.get('seconds_per_iteration')} "
@@ -60,8 +62,14 @@ class Reporter:
                    "log": lambda: e.get("message", ""),
                    "predicted": lambda: f"segmented {e.get('input')} → {e.get('segmentation')}",
                    "error": lambda: f"error: {e.get('message')}"}[kind]()
-            self.stream.write(msg + "\n")
+            self._line((f"{e['run']}: " if self.tag_runs and e.get("run") and kind != "log" else "") + msg)
         self.stream.flush()
+
+    def _line(self, text: str) -> None:
+        if self._open_line:
+            self.stream.write("\n")
+            self._open_line = False
+        self.stream.write(text + "\n")
 
 
 def warner(reporter: Reporter):

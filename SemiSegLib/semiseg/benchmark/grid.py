@@ -167,30 +167,92 @@ def _record_run(spec: RunSpec, state: str, command: str | None) -> None:
 
 
 def run_grid(specs: list[RunSpec], on_event: EventHandler | None = None, should_stop: Callable[[], bool] | None = None,
-             isolate: bool = True, plots: bool = True, command: str | None = None) -> list[Path]:
-    """Train every run that is not finished (resuming interrupted ones); return the run folders."""
+             isolate: bool = True, plots: bool = True, command: str | None = None, parallel: int = 1) -> list[Path]:
+    """Train every run that is not finished (resuming interrupted ones); return the run folders. ``parallel``
+    > 1 trains that many runs at once, each in a process of its own (one GPU holds several ACDC runs)."""
     emit = on_event or (lambda e: None)
     stop = should_stop or (lambda: False)
+    if parallel < 1:
+        raise SemiSegError(f"--parallel must be at least 1, not {parallel}")
+    if parallel > 1 and not isolate:
+        raise SemiSegError("parallel runs need a process each (isolate=True)")
+    todo = []
     for i, spec in enumerate(specs, 1):
-        state = run_state(spec)
+        state = run_state(spec)  # every folder checked before anything trains
         tag = f"run {i}/{len(specs)} {spec.name}"
         if state == "done":
             emit({"event": "log", "level": "info", "run": spec.name, "message": f"{tag}: finished earlier, kept"})
-            continue
-        if stop():
-            raise CancelledError(f"benchmark cancelled before {spec.name}; run the same command again to continue")
-        runlock.check_free(spec.dir)  # another benchmark is training it: one line, nothing written there
-        emit({"event": "log", "level": "info", "run": spec.name,
-              "message": f"{tag}: {'resuming' if state == 'resume' else 'training'} → {spec.dir}"})
-        _record_run(spec, state, command)
-        if isolate:
-            _run_child(spec, state == "resume", emit, stop)
         else:
-            _run_here(spec, state == "resume", emit, stop)
-        if plots:
-            make_run_figures(spec.dir, emit)
-        export_tensorboard(spec.dir)
+            todo.append((tag, spec, state))
+    if parallel == 1:
+        for tag, spec, state in todo:
+            _train_one(tag, spec, state, emit, stop, isolate, command)
+            _figures(spec, plots, emit)
+    else:
+        _run_parallel(todo, parallel, emit, stop, plots, command)
     return [s.dir for s in specs]
+
+
+def _train_one(tag: str, spec: RunSpec, state: str, emit: EventHandler, stop: Callable[[], bool], isolate: bool,
+               command: str | None) -> None:
+    if stop():
+        raise CancelledError(f"benchmark cancelled before {spec.name}; run the same command again to continue")
+    runlock.check_free(spec.dir)  # another benchmark is training it: one line, nothing written there
+    emit({"event": "log", "level": "info", "run": spec.name,
+          "message": f"{tag}: {'resuming' if state == 'resume' else 'training'} → {spec.dir}"})
+    _record_run(spec, state, command)
+    if isolate:
+        _run_child(spec, state == "resume", emit, stop)
+    else:
+        _run_here(spec, state == "resume", emit, stop)
+
+
+def _figures(spec: RunSpec, plots: bool, emit: EventHandler) -> None:
+    if plots:
+        make_run_figures(spec.dir, emit)
+    export_tensorboard(spec.dir)
+
+
+def _run_parallel(todo: list, parallel: int, emit: EventHandler, stop: Callable[[], bool], plots: bool,
+                  command: str | None) -> None:
+    """``parallel`` runs at a time, in grid order. A failed run starts no new ones (those running finish);
+    a stop request stops them all with their checkpoints. Each run gets an equal share of the CPU threads
+    unless ``threads`` was given; figures are drawn afterwards, in this thread (matplotlib is not
+    thread-safe)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    lock = threading.Lock()
+    failures: list[tuple[str, SemiSegError]] = []
+    trained: list[RunSpec] = []
+    share = max(1, (os.cpu_count() or 1) // parallel)
+
+    def locked_emit(e: dict) -> None:
+        with lock:
+            emit(e)
+
+    def train(item) -> None:
+        tag, spec, state = item
+        if failures or stop():
+            return
+        if not spec.explicit.get("threads"):
+            spec.explicit = dict(spec.explicit, threads=share)  # a runtime setting: same computation
+        try:
+            _train_one(tag, spec, state, locked_emit, stop, True, command)
+            trained.append(spec)
+        except SemiSegError as e:
+            failures.append((spec.name, e))
+
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="semiseg-run") as pool:
+        list(pool.map(train, todo))
+    for spec in trained:
+        _figures(spec, plots, emit)
+    if stop() or any(isinstance(e, CancelledError) for _, e in failures):
+        raise CancelledError(f"benchmark cancelled with {len(todo) - len(trained)} run(s) not finished "
+                             f"(checkpoints kept); run the same command again to continue")
+    if failures:
+        others = f" ({len(failures) - 1} other run(s) failed too: {', '.join(n for n, _ in failures[1:])})" \
+            if len(failures) > 1 else ""
+        raise SemiSegError(f"{failures[0][1]}{others}")
 
 
 def _run_here(spec: RunSpec, resume: bool, emit: EventHandler, stop: Callable[[], bool]) -> None:

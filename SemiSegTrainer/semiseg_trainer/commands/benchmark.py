@@ -40,7 +40,7 @@ def cmd_benchmark(ns, reporter) -> int:
     """Run every method at every label count with several seeds (resumable: finished runs are kept,
     interrupted ones resumed), then write OUT/results.md (protocol header + mean ± sample std over seeds) and
     OUT/results.csv. Example: semiseg benchmark --data acdc:../shared/data/ACDC --methods
-    supervised,mean_teacher --labeled 3,7 --seeds 3 --out bench/acdc"""
+    supervised,mean_teacher --labeled 3,7 --seeds 3 --out bench/acdc (add --parallel 4 on a GPU)"""
     from semiseg import benchmark
     from semiseg.config import matched_method, resolve_config
     methods = _methods(ns.methods, "--methods")
@@ -61,12 +61,13 @@ def cmd_benchmark(ns, reporter) -> int:
               f"x seeds {', '.join(map(str, seeds))}) in {out}")
 
     def forward(e: dict) -> None:
-        if e.get("event") == "started":
+        if e.get("event") == "started" and ns.parallel == 1:
             reporter.last_val = ""  # the console line must not show the previous run's validation Dice
         reporter(e)
 
+    reporter.tag_runs = ns.parallel > 1  # interleaved events: each console line names its run
     benchmark.run_grid(specs, on_event=forward, should_stop=StopFlag(out), isolate=True, plots=ns.plots,
-                       command=ns.command_line)
+                       command=ns.command_line, parallel=ns.parallel)
     records = benchmark.collect_runs([s.dir for s in specs])
     _print_report(benchmark.write_report(records, out, plots=ns.plots, on_event=reporter), reporter)
     return protocol.EXIT_OK
