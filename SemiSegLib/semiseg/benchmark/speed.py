@@ -10,8 +10,9 @@ Measurements (per method):
   autotuning, ``torch.compile``). The steps run at iteration ``offset`` (default: the middle of the
   recipe's schedule), so loss terms that start after a delay or ramp are active.
 - ``data_share``: time in ``BatchSource.next`` (batch drawing, augmentation, host→device copy) over the
-  measured time. On CUDA the device is synchronised around every batch draw in bench mode only, so the
-  share is attributable (this costs a little speed; ``semiseg train`` never synchronises).
+  measured time, timed on its own before the measured steps (``iterations`` draws, the device synchronised
+  after each): timed inside the loop, a draw on CUDA would wait for the previous step's queued kernels.
+  The measured steps run as ``semiseg train`` runs them, without synchronising.
 - ``peak_memory_mb``: CUDA: ``torch.cuda.max_memory_allocated`` over warm-up + measured steps. CPU: the
   process's peak resident set (Linux ``VmHWM``) over those steps, reset after set-up through
   ``/proc/self/clear_refs``; ``peak_growth_mb`` is that peak minus the resident set at the reset (the
@@ -106,16 +107,18 @@ def _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predic
     for i in range(warmup):
         trainer.train_step(trainer.next_batch(), offset + i)
     sync()
+    # drawing batches timed on its own: inside the training loop a GPU's queued step would be counted with it
     t_data = 0.0
+    for _ in range(iterations):
+        a = time.perf_counter()
+        trainer.next_batch()
+        sync()
+        t_data += time.perf_counter() - a
     terms = {}
     t0 = time.perf_counter()
     measured = 0
     for i in range(iterations):
-        a = time.perf_counter()
-        batch = trainer.next_batch()
-        sync()
-        t_data += time.perf_counter() - a
-        terms, _ = trainer.train_step(batch, offset + warmup + i)
+        terms, _ = trainer.train_step(trainer.next_batch(), offset + warmup + i)
         measured += 1
     sync()
     total = time.perf_counter() - t0
