@@ -49,9 +49,10 @@ class Reporter:
             self.stream.write(line[:200].ljust(120))
             self._open_line = True
         elif kind == "validation":
-            self.last_val = f" | val Dice {100 * e['dice']:.2f} (best {100 * e['best_dice']:.2f})"
+            dice = f"val Dice {100 * e['dice']:.2f} (best {100 * e['best_dice']:.2f})"
+            self.last_val = f" | {dice}"
             if self.tag_runs and e.get("run"):
-                self._line(f"{e['run']}: iteration {e.get('iteration')}{self.last_val.replace(' | ', ' ')}")
+                self._line(f"{e['run']}: iteration {e.get('iteration')} {dice}")
         elif kind in ("started", "finished", "log", "predicted", "error", "budget"):
             msg = {"started": lambda: f"training {e.get('method')} on {e.get('data')} ({e.get('device')}), "
                                       f"iterations {e.get('iteration')}→{e.get('iterations')}{_budget_note(e)}",

@@ -232,7 +232,7 @@ def _run_parallel(todo: list, parallel: int, emit: EventHandler, stop: Callable[
 
     def train(item) -> None:
         tag, spec, state = item
-        if failures or stop():
+        if failures:  # a stop request is _train_one's to check
             return
         if not spec.explicit.get("threads"):
             spec.explicit = dict(spec.explicit, threads=share)  # a runtime setting: same computation

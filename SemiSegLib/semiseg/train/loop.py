@@ -243,6 +243,14 @@ class Trainer:
                   dice_per_class={k: v["dice"] for k, v in s["per_class"].items()})
         return dice
 
+    def _validation_due(self, done: int, start: int) -> bool:
+        """The references validate at multiples of the cadence. A budget re-plans its cadence as it goes, and a
+        multiple of a cadence that just grew can fall on the very next iteration: budgeted runs count from the
+        last validation instead."""
+        if self.budget is None:
+            return done % self.cfg.val_every == 0
+        return done - max(self.validated_at, start) >= self.cfg.val_every
+
     def _plan_budget(self, done: int, at_end: bool = False) -> None:
         """Fit the rest of the schedule into the time budget (train/budget.py) and record it. At the planned
         end (its model just validated) the run goes on only for iterations worth another end validation: they
@@ -372,11 +380,8 @@ class Trainer:
                     sums, n_acc, last_logged = {}, 0, done
                     t_window = now
                 last_of_budget = self.budget is not None and done == cfg.iterations  # the budget's final model
-                # a budget re-plans its cadence as it goes: count from the last validation, since a multiple of
-                # a cadence that just grew can fall on the very next iteration
-                due = (done % cfg.val_every == 0 if self.budget is None
-                       else done - max(self.validated_at, start) >= cfg.val_every) if cfg.val_every else False
-                if cfg.val_every and self.val_refs and done >= cfg.val_from and (due or last_of_budget):
+                if (cfg.val_every and self.val_refs and done >= cfg.val_from
+                        and (last_of_budget or self._validation_due(done, start))):
                     t0, c0 = time.perf_counter(), self.clock()
                     if main:  # rank 0 validates; the others wait (no duplicated validation work)
                         self._validate(done)

@@ -61,7 +61,7 @@ def cmd_benchmark(ns, reporter) -> int:
               f"x seeds {', '.join(map(str, seeds))}) in {out}")
 
     def forward(e: dict) -> None:
-        if e.get("event") == "started" and ns.parallel == 1:
+        if e.get("event") == "started":
             reporter.last_val = ""  # the console line must not show the previous run's validation Dice
         reporter(e)
 
