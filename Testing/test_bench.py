@@ -61,3 +61,34 @@ def test_bench_runs_the_training_step(tmp_path):
         loop.Trainer.train_step = orig
     assert seen == [7, 8, 9] and r["iterations"] == 2 and r["inference_s_per_volume"] is None
     assert r["final_loss"] > 0
+
+
+def test_bench_profile_counts_each_convolution_once_per_step(tmp_path, capsys):
+    """--profile: a supervised step runs every convolution of the UNet once forward and once backward, so the
+    profile's calls per step of those operators equal the network's count of convolution modules; the ops are
+    ordered by self time, their shares add up to 1, the Chrome trace holds every call of the profiled steps,
+    and the profiled steps come after the measured ones (iteration numbers)."""
+    import torch
+
+    from semiseg.benchmark.profile import PROFILED_STEPS
+    from semiseg.networks import build_network
+
+    prof = tmp_path / "prof"
+    rc = main(["--no-json", "bench", "--method", "supervised", "--iterations", "2", "--warmup", "1", *TINY,
+               "--out", str(tmp_path / "bench.json"), "--profile", str(prof)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    (r,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    p = r["profile"]
+    assert p["steps"] == PROFILED_STEPS and p["clock"] == "cpu" and p["host_syncs_per_step"] is None
+    net = build_network("unet", in_channels=1, num_classes=4, upsampling=r["upsampling"])
+    convs = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) for m in net.modules())
+    calls = {op["name"]: op["calls_per_step"] for op in p["ops"]}
+    assert calls["aten::convolution"] == convs and calls["aten::convolution_backward"] == convs
+    times = [op["self_ms_per_step"] for op in p["ops"]]
+    assert times == sorted(times, reverse=True)
+    assert abs(sum(op["share"] for op in p["ops"]) - 1) < 1e-6
+    assert abs(sum(times) - p["self_ms_per_step"]) < 1e-6 * max(p["self_ms_per_step"], 1)
+    events = json.loads((prof / "supervised.trace.json").read_text())["traceEvents"]
+    assert sum(e.get("name") == "aten::convolution" for e in events) == convs * PROFILED_STEPS
+    assert "profile supervised: " in text and "aten::convolution_backward" in text

@@ -30,3 +30,28 @@ def test_method_trains_on_cuda_and_logs_every_term(method, tmp_path):
     assert [e["iteration"] for e in logged] == [1, 2, 3]
     assert all(math.isfinite(v) for e in logged for v in e.values() if isinstance(v, float))
     assert 0.0 <= summary["val"]["mean"]["dice"] <= 1.0
+
+
+def test_bench_profile_counts_host_synchronisations_on_cuda(tmp_path):
+    """`semiseg bench --profile` on CUDA sorts by device time and counts the synchronising calls of the steps:
+    a step that also reads one value back (`.item()`) counts exactly one more per step."""
+    from semiseg.benchmark.profile import profile_steps
+
+    cfg = resolve_config({**TWO_D, **RUN, "method": "supervised"})
+    trainer = Trainer(cfg, tmp_path / "run", load_run_data(cfg))
+    trainer.setup()
+    try:
+        plain = profile_steps(trainer, 0, tmp_path / "prof", "plain")
+        step = trainer.train_step
+
+        def step_and_read(batch, i):
+            terms, lr = step(batch, i)
+            terms["loss"].item()
+            return terms, lr
+
+        trainer.train_step = step_and_read
+        reading = profile_steps(trainer, 0, tmp_path / "prof", "reading")
+    finally:
+        trainer.close()
+    assert plain["clock"] == "device" and plain["self_ms_per_step"] > 0
+    assert reading["host_syncs_per_step"] == plain["host_syncs_per_step"] + 1

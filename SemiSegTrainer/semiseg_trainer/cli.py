@@ -181,6 +181,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     bn.add_argument("--set", action="append", default=[], metavar="[METHOD.]OPTION=VALUE",
                     help="a method hyper-parameter (repeatable)")
     bn.add_argument("--out", default="", help="write the results as JSON to this file")
+    bn.add_argument("--profile", default="", metavar="DIR",
+                    help="afterwards, profile a few training steps per method: time per operator (printed), a "
+                         "Chrome trace per method in DIR, and on CUDA the host synchronisations per step")
     add_config_options(bn, "training options (defaults from the preset; see `semiseg presets`)",
                        skip=("data", "method", "iterations", "method_options"))
 

@@ -21,6 +21,8 @@ Measurements (per method):
 - ``inference_s_per_volume``: ``predict_volume`` (the evaluation/segmentation path) on the first
   ``inference_volumes`` validation volumes (else test, else labeled training volumes: ``inference_source``), mean seconds per volume (on CUDA after one
   untimed warm-up volume).
+- ``profile`` (with ``profile_dir``): afterwards, a few steps under ``torch.profiler``
+  (:mod:`semiseg.benchmark.profile`): time per operator, a trace, the host synchronisations on CUDA.
 """
 from __future__ import annotations
 
@@ -57,8 +59,9 @@ def _reset_cpu_peak() -> bool:
 
 
 def bench_method(cfg: TrainConfig, warmup: int = 3, iterations: int = 10, inference_volumes: int = 2,
-                 offset: int | None = None, *, data, on_event=None) -> dict:
-    """Measure one configuration on its data (both from :func:`semiseg.run.prepare_run`). Returns a JSON-ready dict."""
+                 offset: int | None = None, *, data, on_event=None, profile_dir: str | Path | None = None) -> dict:
+    """Measure one configuration on its data (both from :func:`semiseg.run.prepare_run`). Returns a JSON-ready
+    dict. ``profile_dir``: also profile a few steps there (the module's ``profile``)."""
     from ..inference import predict_volume
     from ..train.loop import Trainer
 
@@ -66,18 +69,19 @@ def bench_method(cfg: TrainConfig, warmup: int = 3, iterations: int = 10, infere
         trainer = Trainer(cfg, tmp, data=data)
         try:
             trainer.setup()
-            return _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predict_volume, on_event)
+            return _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predict_volume, on_event,
+                            profile_dir)
         finally:
             trainer.close()
 
 
 def bench_methods(common: dict, data: str, methods: list[str], method_options: dict[str, dict] | None = None,
                   warmup: int = 3, iterations: int = 10, inference_volumes: int = 2, offset: int | None = None, *,
-                  on_method=None, on_warning=None, on_event=None) -> list[dict]:
+                  on_method=None, on_warning=None, on_event=None, profile_dir: str | Path | None = None) -> list[dict]:
     """``semiseg bench``: each method measured on the same cases (read once), its run assembled by
     :func:`semiseg.run.prepare_run` as ``semiseg train`` would (users' folders are planned; no plan.json is
     written). ``common``: the options every method is given; ``method_options``: per method, its ``--set``
-    values; ``on_method(name)`` before each measurement. Returns a row per method (:func:`bench_method`)."""
+    values; ``on_method(name)`` before each measurement; ``profile_dir``: see :func:`bench_method`. Returns a row per method (:func:`bench_method`)."""
     from ..config import resolve_config
     from ..run import load_run_data, prepare_run
     rows, raw = [], None
@@ -89,11 +93,13 @@ def bench_methods(common: dict, data: str, methods: list[str], method_options: d
         cfg, cases, _ = prepare_run(explicit, data=raw, on_warning=on_warning)
         if on_method:
             on_method(m)
-        rows.append(bench_method(cfg, warmup, iterations, inference_volumes, offset, data=cases, on_event=on_event))
+        rows.append(bench_method(cfg, warmup, iterations, inference_volumes, offset, data=cases, on_event=on_event,
+                                 profile_dir=profile_dir))
     return rows
 
 
-def _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predict_volume, on_event) -> dict:
+def _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predict_volume, on_event,
+             profile_dir=None) -> dict:
     device = trainer.device
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
@@ -123,7 +129,8 @@ def _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predic
     sync()
     total = time.perf_counter() - t0
     out = {
-        "method": cfg.method, "data": cfg.data, "dim": cfg.dim, "patch_size": list(cfg.patch_size),
+        "method": cfg.method, "data": cfg.data, "dim": cfg.dim, "network": cfg.network, "upsampling": cfg.upsampling,
+        "patch_size": list(cfg.patch_size),
         "labeled_batch": cfg.labeled_batch, "unlabeled_batch": cfg.unlabeled_batch if trainer.source.unlabeled is not None else 0,
         "device": str(device), "precision": str(trainer.amp_dtype or torch.float32).replace("torch.", ""),
         "threads": torch.get_num_threads(), "warmup": warmup, "iterations": measured, "offset": offset,
@@ -164,6 +171,9 @@ def _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predic
     out["inference_volumes"] = len(times)
     out["inference_source"] = source
     out["inference_s_per_volume"] = sum(times) / len(times) if times else None
+    if profile_dir:  # last: nothing measured above runs under the profiler
+        from .profile import profile_steps
+        out["profile"] = profile_steps(trainer, offset + warmup + measured, profile_dir, cfg.method)
     if on_event:
         on_event({"event": "bench", **out})
     return out

@@ -77,6 +77,7 @@ def cmd_bench(ns, reporter) -> int:
     """Training iterations/s after warm-up, peak device memory, the share of time spent drawing batches, and
     inference seconds per volume, per method. Example: semiseg bench --data acdc:../shared/data/ACDC --method
     supervised,mean_teacher --iterations 10 --threads 2 --out bench.json"""
+    from semiseg.benchmark.profile import format_profile_table
     from semiseg.benchmark.speed import bench_methods, format_bench_table, write_bench_json
     from semiseg.errors import SemiSegError
     methods = _methods(ns.method, "--method")
@@ -92,9 +93,11 @@ def cmd_bench(ns, reporter) -> int:
     rows = bench_methods(common, ns.data, methods, parse_method_sets(ns.set, methods), ns.warmup,
                          ns.bench_iterations, ns.inference_volumes, ns.offset, on_warning=warner(reporter),
                          on_method=None if reporter.json else announce,
-                         on_event=reporter if reporter.json else None)
+                         on_event=reporter if reporter.json else None, profile_dir=ns.profile or None)
     if not reporter.json:
         print(format_bench_table(rows))
+        if ns.profile:
+            print(format_profile_table(rows))
     if ns.out:
         write_bench_json(rows, ns.out, ns.command_line)
         if not reporter.json:
