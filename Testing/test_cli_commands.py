@@ -26,7 +26,7 @@ OPTIONS = {
     "benchmark": ["--data", "--methods", "--labeled", "--seeds", "--seed", "--set", "--out", "--plots",
                   "--no-plots", "--iterations", "--lr"],
     "bench": ["--data", "--method", "--iterations", "--warmup", "--offset", "--inference-volumes", "--set",
-              "--out", "--threads"],
+              "--out", "--threads", "--profile"],
     "report": ["--out", "--plots"],
 }
 # options a command sets itself, so it must not offer them as training options
@@ -77,3 +77,19 @@ def test_bench_iterations_is_its_own_option_not_the_training_length():
     ns = _parser("mean_teacher").parse_args(["bench", "--data", "phantom", "--method", "supervised",
                                              "--iterations", "7"])
     assert ns.bench_iterations == 7 and not hasattr(ns, "iterations")
+
+
+@pytest.mark.parametrize("command", [["train", "--iterations", "1", "--out", "{blocked}/run"],
+                                     ["bench", "--method", "supervised", "--out", "{blocked}/bench.json"],
+                                     ["bench", "--method", "supervised", "--profile", "{blocked}/profile"]])
+def test_an_output_place_that_cannot_be_made_is_one_error_line(command, tmp_path, capsys):
+    """An output folder under a regular file cannot be created: one line naming the path, exit code 2, no
+    traceback; bench says so before measuring anything (nothing is lost)."""
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    argv = ["--no-json", *[a.format(blocked=blocked) for a in command], "--data", "phantom:4", "--device", "cpu"]
+    assert cli.main(argv) == cli.protocol.EXIT_ERROR
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"semiseg: error: cannot use {blocked}") and "Traceback" not in captured.err
+    assert "bench supervised" not in captured.out

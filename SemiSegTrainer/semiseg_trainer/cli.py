@@ -229,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             reporter({"event": "error", "message": str(e)})
         print(f"semiseg: error: {e}", file=sys.stderr)
         return protocol.EXIT_ERROR
+    except OSError as e:  # a folder or file the command was pointed at that cannot be made, read or written
+        where = " ".join(str(f) for f in (e.filename, e.filename2) if f)
+        message = f"cannot use {where}: {e.strerror}" if where and e.strerror else str(e)
+        if reporter.json:
+            reporter({"event": "error", "message": message})
+        print(f"semiseg: error: {message}", file=sys.stderr)
+        return protocol.EXIT_ERROR
     except KeyboardInterrupt:
         print("semiseg: interrupted", file=sys.stderr)
         return protocol.EXIT_CANCELLED

@@ -2,6 +2,7 @@
 (the tables of finished runs) and ``semiseg bench`` (training and inference speed)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .. import protocol
@@ -86,6 +87,12 @@ def cmd_bench(ns, reporter) -> int:
     common = split_args(ns)
     for k in ("data", "method", "method_options"):
         common.pop(k, None)
+    # the places the results go are made now: a wrong one is one error line before, not after, the measuring
+    for option, folder in (("--out", Path(ns.out).parent if ns.out else None), ("--profile", ns.profile or None)):
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise SemiSegError(f"bench {option}: cannot write into {folder}")
 
     def announce(method: str) -> None:
         print(f"bench {method}: {ns.warmup} warm-up + {ns.bench_iterations} measured iterations ...", flush=True)
