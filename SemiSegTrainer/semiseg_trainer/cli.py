@@ -214,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser(method).parse_args(argv)
     ns.command_line = "semiseg " + " ".join(shlex.quote(a) for a in argv)  # recorded by benchmark and bench
     reporter = Reporter(ns.json)
+
+    def error(message) -> int:
+        if reporter.json:
+            reporter({"event": "error", "message": str(message)})
+        print(f"semiseg: error: {message}", file=sys.stderr)
+        return protocol.EXIT_ERROR
     try:
         return HANDLERS[ns.command](ns, reporter)
     except CancelledError as e:
@@ -225,17 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             e = device_error(e) or e
             if not isinstance(e, SemiSegError):
                 raise
-        if reporter.json:
-            reporter({"event": "error", "message": str(e)})
-        print(f"semiseg: error: {e}", file=sys.stderr)
-        return protocol.EXIT_ERROR
+        return error(e)
     except OSError as e:  # a folder or file the command was pointed at that cannot be made, read or written
         where = " ".join(str(f) for f in (e.filename, e.filename2) if f)
-        message = f"cannot use {where}: {e.strerror}" if where and e.strerror else str(e)
-        if reporter.json:
-            reporter({"event": "error", "message": message})
-        print(f"semiseg: error: {message}", file=sys.stderr)
-        return protocol.EXIT_ERROR
+        return error(f"cannot use {where}: {e.strerror}" if where and e.strerror else e)
     except KeyboardInterrupt:
         print("semiseg: interrupted", file=sys.stderr)
         return protocol.EXIT_CANCELLED

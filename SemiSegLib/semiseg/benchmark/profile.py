@@ -47,11 +47,10 @@ def profile_steps(trainer, first_step: int, out_dir: str | Path, name: str, step
     prof.export_chrome_trace(str(trace))
     clock = "device" if cuda else "cpu"
     field = "self_device_time_total" if cuda else "self_cpu_time_total"
-    averages = list(prof.key_averages())
-    total = sum(getattr(e, field) for e in averages) or 1.0
-    ops = [{"name": e.key, "self_ms_per_step": getattr(e, field) / 1000 / steps,
-            "share": getattr(e, field) / total, "calls_per_step": e.count / steps}
-           for e in sorted(averages, key=lambda e: getattr(e, field), reverse=True)]
+    timed = sorted(((getattr(e, field), e) for e in prof.key_averages()), key=lambda te: te[0], reverse=True)
+    total = sum(t for t, _ in timed) or 1.0
+    ops = [{"name": e.key, "self_ms_per_step": t / 1000 / steps, "share": t / total, "calls_per_step": e.count / steps}
+           for t, e in timed]
     host_syncs = sum("synchroniz" in str(w.message) for w in caught) if cuda else None
     return {"steps": steps, "clock": clock, "trace": str(trace), "self_ms_per_step": total / 1000 / steps,
             "host_syncs_per_step": host_syncs / steps if host_syncs is not None else None, "ops": ops}

@@ -81,7 +81,8 @@ def bench_methods(common: dict, data: str, methods: list[str], method_options: d
     """``semiseg bench``: each method measured on the same cases (read once), its run assembled by
     :func:`semiseg.run.prepare_run` as ``semiseg train`` would (users' folders are planned; no plan.json is
     written). ``common``: the options every method is given; ``method_options``: per method, its ``--set``
-    values; ``on_method(name)`` before each measurement; ``profile_dir``: see :func:`bench_method`. Returns a row per method (:func:`bench_method`)."""
+    values; ``on_method(name)`` before each measurement; ``profile_dir``: see :func:`bench_method`. Returns a row
+    per method (:func:`bench_method`)."""
     from ..config import resolve_config
     from ..run import load_run_data, prepare_run
     rows, raw = [], None
