@@ -43,13 +43,14 @@ def test_bf16_autocast_reaches_the_network():
 
 
 def test_bf16_training_matches_fp32_dice():
-    """Supervised UNet (transposed-conv decoder, the one measured) on the phantom, 100 iterations at 48x48, batch 4, seed 1337, deterministic, 1 thread:
-    the final validation Dice with bf16 autocast (CPU) is within 0.03 of fp32. Measured on this machine:
-    fp32 0.709, bf16 0.712 (|Δ| = 0.003; at 150 iterations 0.745 vs 0.744, at 80 iterations 0.545 vs 0.555)."""
+    """Supervised UNet (transposed-conv decoder) on the phantom, 200 iterations at 48x48, batch 4, seed 1337,
+    deterministic, 1 thread: the final validation Dice with bf16 autocast (CPU) is within 0.03 of fp32. 200
+    iterations: past the early phase where single runs of either precision still differ by up to 0.05 (differences
+    below 0.01 over three seeds at 200)."""
     dice = {}
     for prec in ("fp32", "bf16"):
         cfg = resolve_config({"data": "phantom:8", "labeled": 4, "method": "supervised", "patch_size": (48, 48),
-                              "labeled_batch": 4, "iterations": 100, "val_every": 0, "log_every": 50,
+                              "labeled_batch": 4, "iterations": 200, "val_every": 0, "log_every": 50,
                               "device": "cpu", "threads": 1, "deterministic": True, "precision": prec, "lr": 0.03,
                               "upsampling": "transpose"})
         import tempfile
