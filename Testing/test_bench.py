@@ -92,3 +92,16 @@ def test_bench_profile_counts_each_convolution_once_per_step(tmp_path, capsys):
     events = json.loads((prof / "supervised.trace.json").read_text())["traceEvents"]
     assert sum(e.get("name") == "aten::convolution" for e in events) == convs * PROFILED_STEPS
     assert "profile supervised: " in text and "aten::convolution_backward" in text
+
+
+def test_bench_keeps_earlier_rows_when_a_later_method_cannot_run(tmp_path, capsys, monkeypatch):
+    """A method that stops in its pre-flight check (ICL's memory estimate, as in training) ends the bench with one
+    error line, and the JSON written so far holds the methods measured before it."""
+    from semiseg.methods import icl
+    monkeypatch.setattr(icl, "available_bytes", lambda device: 10 ** 6)
+    out = tmp_path / "bench.json"
+    rc = main(["--no-json", "bench", "--method", "supervised,icl_lite", "--iterations", "1", "--warmup", "0",
+               *TINY, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "icl_lite needs about" in err and "Traceback" not in err
+    assert [r["method"] for r in json.loads(out.read_text())["results"]] == ["supervised"]

@@ -3,6 +3,7 @@ github.com/zhuye98/ICL): CMA, the memory bank and omni-correlation consistency, 
 mutual consistency, the ICL modules' exact reshapes, sizes and losses, checked against definitions and
 hand computations; phantom training against the supervised baseline (slow)."""
 import math
+import platform
 from types import SimpleNamespace
 
 import pytest
@@ -477,6 +478,28 @@ def test_icl_checkpoint_is_a_plain_unet(tmp_path):
     assert any(k.startswith("sspa.") for k in last) and any(k.startswith("uscl.") for k in last)
     log = (tmp_path / "progress.jsonl").read_text()
     assert "estimated fp32 training memory" in log
+
+
+@pytest.mark.parametrize("method,kept", [("icl", False), ("icl_lite", True)])
+def test_gigabyte_parameter_runs_leave_glibc_returning_freed_memory(tmp_path, method, kept):
+    """The kept-memory allocator setting fragments the heap around huge parameter tensors (ICL's exact token MLPs:
+    killed for memory on a 24 GB host at 256x256): the loop skips it when a parameter tensor exceeds 64 MB.
+    Exact ICL at 144x144 has a 5184x5184 token MLP (103 MB) and skips it; icl_lite keeps it."""
+    from semiseg import machine
+    if not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"):
+        pytest.skip("the allocator setting exists on glibc only")
+    cfg = resolve_config({"data": "phantom:4", "labeled": 2, "patch_size": (144, 144), "labeled_batch": 1,
+                          "unlabeled_batch": 1, "device": "cpu", "threads": 1, "method": method,
+                          "method_options": {"memory_check": False}})
+    trainer = Trainer(cfg, tmp_path, load_run_data(cfg))
+    try:
+        trainer.setup()
+        largest = max(p.numel() * 4 for p in trainer.method.parameters())
+        assert (largest > machine.LARGE_PARAMETER_BYTES) is not kept
+        assert machine.allocator_status() == ("applied" if kept else "skipped: parameter tensors of 103 MB")
+    finally:
+        trainer.close()
+        machine.keep_freed_memory(True)  # this process's setting for the tests that follow
 
 
 # ---------------------------------------------------------------------------------- phantom training

@@ -45,7 +45,12 @@ def test_describe_names_the_bf16_instruction_sets():
 _PROBE = """
 import ctypes, sys
 from semiseg.machine import keep_freed_memory
-status = keep_freed_memory(sys.argv[1] == "on")
+setting = sys.argv[1]
+status = keep_freed_memory(setting != "off")
+if setting == "on-then-off":                 # applied, then turned off in the same process
+    status = keep_freed_memory(False)
+if setting == "large-parameters":            # applied, then a run with a 1 GB parameter tensor
+    status = keep_freed_memory(True, largest_parameter_bytes=1 << 30)
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -62,19 +67,22 @@ print(status, round(held - rss_mb()))
 
 
 @pytest.mark.skipif(not GLIBC, reason="the allocator setting exists on glibc only")
-@pytest.mark.parametrize("setting", ["on", "off"])
+@pytest.mark.parametrize("setting", ["on", "off", "on-then-off", "large-parameters"])
 def test_keep_freed_memory_keeps_a_freed_256_mb_block_resident(setting):
     """glibc's default returns a freed 256 MB block to the kernel at once (mmap'ed: RSS drops by 256 MB, and the
-    next iteration faults it in again); with the setting applied the block stays in the process for reuse."""
+    next iteration faults it in again); with the setting applied the block stays in the process for reuse.
+    Turned off after being applied, or asked for by a run with a parameter tensor over 64 MB, glibc's defaults
+    are back: the block is returned again."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "SemiSegLib"), os.environ.get("PYTHONPATH", "")]))
     env.pop("MALLOC_MMAP_MAX_", None), env.pop("MALLOC_TRIM_THRESHOLD_", None)
     out = subprocess.run([sys.executable, "-c", _PROBE, setting], capture_output=True, text=True, env=env,
-                         timeout=120, check=True).stdout.split()
+                         timeout=120, check=True).stdout.rsplit(None, 1)
     status, released_mb = out[0], int(out[1])
     if setting == "on":
         assert status == "applied" and released_mb < 16
     else:
-        assert status == "off" and released_mb > 240
+        assert released_mb > 240
+        assert status == ("skipped: parameter tensors of 1,024 MB" if setting == "large-parameters" else "off")
 
 
 def test_keep_freed_memory_is_skipped_where_there_is_no_glibc(monkeypatch):

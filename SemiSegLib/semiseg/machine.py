@@ -22,6 +22,9 @@ import torch
 # glibc <malloc.h> parameter numbers (stable ABI)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+GLIBC_MMAP_MAX = 65536              # glibc's defaults (mallopt(3))
+GLIBC_TRIM_THRESHOLD = 128 * 1024
+LARGE_PARAMETER_BYTES = 64 << 20    # keep_freed_memory is skipped for runs with a parameter tensor larger than this
 
 _allocator_state = {"status": "default"}  # what keep_freed_memory did in this process
 
@@ -77,19 +80,31 @@ def native_bf16(features: dict[str, bool] | None = None) -> bool:
     return bool(f.get("avx512_bf16") or f.get("amx"))
 
 
-def keep_freed_memory(enabled: bool = True) -> str:
+def keep_freed_memory(enabled: bool = True, largest_parameter_bytes: int = 0) -> str:
     """Ask glibc to keep freed memory in the process: no ``mmap`` for large blocks (``M_MMAP_MAX`` 0; they
     come from the heap and are reused) and no trimming of the heap top (``M_TRIM_THRESHOLD`` -1, "never").
-    Returns what happened: ``applied``, ``off`` (``enabled`` False: glibc's defaults are left),
-    ``not glibc`` (macOS, Windows, musl: nothing to do, nothing done) or ``failed``. Process-wide and
-    idempotent; later calls with ``enabled`` True after an ``applied`` do nothing."""
+    Returns what happened: ``applied``, ``off`` (``enabled`` False: glibc's defaults), ``skipped: ...``
+    (a parameter tensor larger than ``LARGE_PARAMETER_BYTES``: glibc's defaults), ``not glibc`` (macOS,
+    Windows, musl: nothing to do, nothing done) or ``failed``. Process-wide; turning it off after it was
+    applied restores glibc's defaults for the allocations that follow.
+
+    Why the size limit: the setting pays off for activation buffers freed and re-allocated every iteration.
+    With parameter tensors of a gigabyte (ICL's exact token MLPs at 256x256), their gradients, momentum and
+    autocast copies are allocated at different points of an iteration and leave holes in a heap that is
+    never returned: a 2-iteration ICL run on ACDC peaked at 18.4 GB with glibc's defaults and was killed
+    for memory above 24 GB with the setting."""
+    if enabled and largest_parameter_bytes > LARGE_PARAMETER_BYTES:
+        _glibc_defaults()
+        _allocator_state["status"] = f"skipped: parameter tensors of {largest_parameter_bytes / 2 ** 20:,.0f} MB"
+        return _allocator_state["status"]
     if not enabled:
-        if _allocator_state["status"] != "applied":
+        _glibc_defaults()
+        if _allocator_state["status"] != "not glibc":
             _allocator_state["status"] = "off"
         return _allocator_state["status"]
     if _allocator_state["status"] == "applied":
         return "applied"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         _allocator_state["status"] = "not glibc"
         return "not glibc"
     try:
@@ -99,6 +114,22 @@ def keep_freed_memory(enabled: bool = True) -> str:
         ok = False
     _allocator_state["status"] = "applied" if ok else "failed"
     return _allocator_state["status"]
+
+
+def _glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def _glibc_defaults() -> None:
+    """Undo :func:`keep_freed_memory` where it was applied (glibc's documented defaults)."""
+    if _allocator_state["status"] != "applied":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
 
 
 def allocator_status() -> str:

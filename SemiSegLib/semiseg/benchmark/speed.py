@@ -69,6 +69,9 @@ def bench_method(cfg: TrainConfig, warmup: int = 3, iterations: int = 10, infere
         trainer = Trainer(cfg, tmp, data=data)
         try:
             trainer.setup()
+            # the method's own pre-flight check (ICL's memory estimate) stops a run that cannot fit, as in training
+            trainer.method.on_start(lambda message: on_event and on_event({"event": "log", "level": "info",
+                                                                           "message": str(message)}))
             return _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predict_volume, on_event,
                             profile_dir)
         finally:
@@ -77,12 +80,14 @@ def bench_method(cfg: TrainConfig, warmup: int = 3, iterations: int = 10, infere
 
 def bench_methods(common: dict, data: str, methods: list[str], method_options: dict[str, dict] | None = None,
                   warmup: int = 3, iterations: int = 10, inference_volumes: int = 2, offset: int | None = None, *,
-                  on_method=None, on_warning=None, on_event=None, profile_dir: str | Path | None = None) -> list[dict]:
+                  on_method=None, on_warning=None, on_event=None, profile_dir: str | Path | None = None,
+                  on_rows=None) -> list[dict]:
     """``semiseg bench``: each method measured on the same cases (read once), its run assembled by
     :func:`semiseg.run.prepare_run` as ``semiseg train`` would (users' folders are planned; no plan.json is
     written). ``common``: the options every method is given; ``method_options``: per method, its ``--set``
-    values; ``on_method(name)`` before each measurement; ``profile_dir``: see :func:`bench_method`. Returns a row
-    per method (:func:`bench_method`)."""
+    values; ``on_method(name)`` before each measurement; ``on_rows(rows)`` after each (the rows so far: a later method
+    that fails or is killed loses none of them); ``profile_dir``: see :func:`bench_method`. Returns a row per
+    method (:func:`bench_method`)."""
     from ..config import resolve_config
     from ..run import load_run_data, prepare_run
     rows, raw = [], None
@@ -96,6 +101,8 @@ def bench_methods(common: dict, data: str, methods: list[str], method_options: d
             on_method(m)
         rows.append(bench_method(cfg, warmup, iterations, inference_volumes, offset, data=cases, on_event=on_event,
                                  profile_dir=profile_dir))
+        if on_rows:
+            on_rows(rows)
     return rows
 
 

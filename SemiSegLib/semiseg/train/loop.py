@@ -87,7 +87,6 @@ class Trainer:
         self.device = select_device(device_name)
         D.check_divisible(self.dist, cfg.labeled_batch,
                           cfg.unlabeled_batch if get_method(cfg.method).uses_unlabeled else 0)
-        keep_freed_memory(cfg.keep_freed_memory)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed, cfg.deterministic)  # identical on every rank: identical initial weights
@@ -128,6 +127,9 @@ class Trainer:
             self.warm_start = {**finetune.describe(cfg, source), "teacher": teacher_from}
             self.ema_offset = int(source.get("iteration") or 0)
         self.method.train()
+        # after the build: the decision needs the largest parameter tensor (machine.keep_freed_memory)
+        keep_freed_memory(cfg.keep_freed_memory,
+                          max((p.numel() * p.element_size() for p in self.method.parameters()), default=0))
         self.channels_last = bool(cfg.channels_last and cfg.dim == 2)
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)

@@ -100,15 +100,14 @@ def cmd_bench(ns, reporter) -> int:
     rows = bench_methods(common, ns.data, methods, parse_method_sets(ns.set, methods), ns.warmup,
                          ns.bench_iterations, ns.inference_volumes, ns.offset, on_warning=warner(reporter),
                          on_method=None if reporter.json else announce,
-                         on_event=reporter if reporter.json else None, profile_dir=ns.profile or None)
+                         on_event=reporter if reporter.json else None, profile_dir=ns.profile or None,
+                         on_rows=(lambda done: write_bench_json(done, ns.out, ns.command_line)) if ns.out else None)
     if not reporter.json:
         print(format_bench_table(rows))
         if ns.profile:
             print(format_profile_table(rows))
-    if ns.out:
-        write_bench_json(rows, ns.out, ns.command_line)
-        if not reporter.json:
-            print(f"written: {ns.out}")
+    if ns.out and not reporter.json:  # written after each method (on_rows)
+        print(f"written: {ns.out}")
     return protocol.EXIT_OK
 
 
