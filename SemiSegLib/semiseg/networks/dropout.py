@@ -5,8 +5,8 @@ thread (~5 ns per element), which made the mask a fifth of a Mean Teacher step o
 drops out every encoder level, 73 M elements per step at the ACDC recipe). Here each 64-bit draw gives four
 16-bit uniform lanes, and an element is kept when its lane clears ``round(p * 65536)``: the same
 independent Bernoulli mask with the drop rate rounded to a multiple of 1/65536 (p = 0.05 becomes
-0.0500031), the same ``1 / (1 - p)`` scaling, drawn from the global CPU generator (``torch.manual_seed``
-reproduces it). The backward keeps the boolean mask (1 byte per element instead of a copy of the scaled
+0.0500031) and kept elements scaled by one over the kept fraction (inverted dropout), drawn from the
+global CPU generator (``torch.manual_seed`` reproduces it). The backward keeps the boolean mask (1 byte per element instead of a copy of the scaled
 mask). CUDA (fused kernel), other devices and ``torch.compile`` (which fuses dropout itself) use
 ``F.dropout``.
 """
