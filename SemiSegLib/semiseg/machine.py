@@ -107,12 +107,7 @@ def keep_freed_memory(enabled: bool = True, largest_parameter_bytes: int = 0) ->
     if not _glibc():
         _allocator_state["status"] = "not glibc"
         return "not glibc"
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
-    except (OSError, AttributeError):
-        ok = False
-    _allocator_state["status"] = "applied" if ok else "failed"
+    _allocator_state["status"] = "applied" if _mallopt(mmap_max=0, trim_threshold=-1) else "failed"
     return _allocator_state["status"]
 
 
@@ -120,16 +115,19 @@ def _glibc() -> bool:
     return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
-def _glibc_defaults() -> None:
-    """Undo :func:`keep_freed_memory` where it was applied (glibc's documented defaults)."""
-    if _allocator_state["status"] != "applied":
-        return
+def _mallopt(mmap_max: int, trim_threshold: int) -> bool:
+    """Set glibc's ``M_MMAP_MAX`` and ``M_TRIM_THRESHOLD``; True when both were accepted."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
-        libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD)
+        return libc.mallopt(M_MMAP_MAX, mmap_max) == 1 and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
     except (OSError, AttributeError):
-        pass
+        return False
+
+
+def _glibc_defaults() -> None:
+    """Undo :func:`keep_freed_memory` where it was applied (glibc's documented defaults)."""
+    if _allocator_state["status"] == "applied":
+        _mallopt(GLIBC_MMAP_MAX, GLIBC_TRIM_THRESHOLD)
 
 
 def allocator_status() -> str:

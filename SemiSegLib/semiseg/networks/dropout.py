@@ -6,9 +6,9 @@ drops out every encoder level, 73 M elements per step at the ACDC recipe). Here 
 16-bit uniform lanes, and an element is kept when its lane clears ``round(p * 65536)``: the same
 independent Bernoulli mask with the drop rate rounded to a multiple of 1/65536 (p = 0.05 becomes
 0.0500031) and kept elements scaled by one over the kept fraction (inverted dropout), drawn from the
-global CPU generator (``torch.manual_seed`` reproduces it). The backward keeps the boolean mask (1 byte per element instead of a copy of the scaled
-mask). CUDA (fused kernel), other devices and ``torch.compile`` (which fuses dropout itself) use
-``F.dropout``.
+global CPU generator (``torch.manual_seed`` reproduces it). The backward keeps the boolean mask (1 byte
+per element instead of a copy of the scaled mask). CUDA (fused kernel), other devices and
+``torch.compile`` (which fuses dropout itself) use ``F.dropout``.
 """
 from __future__ import annotations
 
