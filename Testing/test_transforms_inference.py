@@ -139,3 +139,37 @@ def test_single_window_returns_the_models_argmax_and_batch_size_is_irrelevant():
     outs = [predict_3d(net, big, (16, 16, 8), (6, 5, 4), batch=b, half=False, return_probs=True) for b in (1, 3, 64)]
     for lab, prob in outs[1:]:
         assert np.array_equal(lab, outs[0][0]) and np.allclose(prob, outs[0][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("name,kw,meta", [
+    ("vnet", {"num_classes": 2, "n_filters": 4}, {"dim": 3, "patch_size": [32, 32, 16], "stride": [16, 16, 8]}),
+    ("unet", {"num_classes": 3, "channels": [4, 8, 16, 32, 64]}, {"dim": 2, "patch_size": [32, 32]})],
+    ids=["3d-vnet", "2d-unet"])
+def test_checkpoint_network_is_channels_last_with_the_same_predictions(name, kw, meta):
+    """network_from_checkpoint puts a trained network in the channels-last layout on the CPU (NDHWC for the
+    V-Net, NHWC for the UNet); predict_volume gives the same labels as the contiguous network and softmax
+    values within fp32 rounding."""
+    from semiseg.checkpoint import network_from_checkpoint
+    from semiseg.inference import predict_volume
+    from semiseg.networks import build_network, channels_last_format
+    torch.manual_seed(0)
+    ref = build_network(name, **kw).eval()
+    for m in ref.modules():  # non-trivial batch-norm statistics, as after training
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    net = network_from_checkpoint({"network": {"name": name, **kw}, "model": ref.state_dict()}, "cpu")
+    layout = torch.channels_last_3d if meta["dim"] == 3 else torch.channels_last
+    def convs(model):  # whose weights have one layout only (more than one input channel, a kernel over 1 voxel)
+        return [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))
+                and m.in_channels > 1 and max(m.kernel_size) > 1]
+    assert convs(net) and all(c.weight.is_contiguous(memory_format=layout) for c in convs(net))
+    assert not any(c.weight.is_contiguous(memory_format=layout) for c in convs(ref))
+    meta = {**meta, "normalization": "none", "classes": [{"value": v} for v in range(1, kw["num_classes"])]}
+    image = np.random.default_rng(1).normal(size=(40, 36, 20)).astype(np.float32)
+    ref_labels, ref_probs = predict_volume(ref, image, meta, half=False, return_probs=True)
+    labels, probs = predict_volume(net, image, meta, half=False, return_probs=True)
+    assert np.abs(probs - ref_probs).max() < 1e-4
+    close = np.sort(ref_probs, 0)[-1] - np.sort(ref_probs, 0)[-2] < 1e-4  # near-ties may flip
+    assert np.array_equal(labels[~close], ref_labels[~close]) and close.mean() < 0.01
+    assert channels_last_format(3, "mps") is None and channels_last_format(2, "mps") is torch.channels_last

@@ -79,8 +79,7 @@ def resolve_precision(precision: str, amp: bool, device: torch.device) -> torch.
     raise SemiSegError(f"unknown precision '{precision}' (auto, fp32, bf16, fp16)")
 
 
-def _channels_last(batch):
-    cl = torch.channels_last
+def _channels_last(batch, cl: torch.memory_format):
     batch.labeled_image = batch.labeled_image.contiguous(memory_format=cl)
     if batch.unlabeled_image is not None:
         batch.unlabeled_image = batch.unlabeled_image.contiguous(memory_format=cl)

@@ -32,7 +32,7 @@ from ..evaluation import evaluate_cases, summarize
 from ..machine import keep_freed_memory
 from ..methods import MethodContext, get_method
 from ..methods.reference import protocol_label
-from ..networks import build_network
+from ..networks import build_network, channels_last_format
 from ..schedules import ema_decay, learning_rate
 from . import distributed as D
 from .budget import TimeBudget, apply_plan, parse_duration, schedule_options
@@ -130,9 +130,11 @@ class Trainer:
         # after the build: the decision needs the largest parameter tensor (machine.keep_freed_memory)
         keep_freed_memory(cfg.keep_freed_memory,
                           max((p.numel() * p.element_size() for p in self.method.parameters()), default=0))
-        self.channels_last = bool(cfg.channels_last and cfg.dim == 2)
+        layout = channels_last_format(cfg.dim, self.device) if cfg.channels_last else None
+        self.channels_last = layout is not None
+        self.memory_format = layout or torch.contiguous_format
         if self.channels_last:
-            self.method.to(memory_format=torch.channels_last)
+            self.method.to(memory_format=self.memory_format)
         self.method.student = D.convert_sync_bn(self.method.student, self.dist, self.device, cfg.sync_bn)
         if cfg.compile:  # in place (nn.Module.compile): state_dict keys stay plain, checkpoints unchanged
             self.method.student.compile()
@@ -283,7 +285,7 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         if self.channels_last:
-            batch = _channels_last(batch)
+            batch = _channels_last(batch, self.memory_format)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             terms = self.model(batch, step)
