@@ -13,6 +13,7 @@ from scipy import ndimage
 
 from .data.transforms import normalize, resize_image, zoom_nearest
 from .errors import SemiSegError
+from .ops import argmax
 
 
 def _autocast(device: torch.device, half: bool):
@@ -103,12 +104,12 @@ def predict_2d(net: torch.nn.Module, image: np.ndarray, size: tuple[int, int], r
         with _autocast(device, half):
             logits = network_logits(net, x, tta)
         if resize == "nearest":
-            out[s:s + batch] = zoom_nearest(logits.argmax(1), xy).to(torch.uint8).cpu()
+            out[s:s + batch] = zoom_nearest(argmax(logits, 1), xy).to(torch.uint8).cpu()
             if return_probs:  # each channel zoomed as the labels are
                 p = zoom_nearest(torch.softmax(logits, 1), xy)
         else:
             up = F.interpolate(logits, size=xy, mode="bilinear", align_corners=False) if xy != tuple(size) else logits
-            out[s:s + batch] = up.argmax(1).to(torch.uint8).cpu()
+            out[s:s + batch] = argmax(up, 1).to(torch.uint8).cpu()
             if return_probs:
                 p = torch.softmax(up, 1)
         if return_probs:
@@ -187,7 +188,7 @@ def predict_3d(net: torch.nn.Module, image: np.ndarray, patch: tuple[int, int, i
     probs /= count
     crop = tuple(slice(l, l + s) for l, s in zip(lo, image.shape))
     probs = probs[(slice(None),) + crop]
-    labels = probs.argmax(0).to(torch.uint8).cpu().numpy()
+    labels = argmax(probs, 0).to(torch.uint8).cpu().numpy()
     return (labels, probs.cpu().numpy()) if return_probs else labels
 
 

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import SemiSegError
 from ..losses import dice_loss
+from ..ops import argmax
 from ..schedules import consistency_weight
 from . import register_method
 from .base import Method
@@ -181,7 +182,7 @@ class CAML(Method):
     def update_memory(self, emb_v, emb_a, p_v, p_a, label, indices) -> torch.Tensor:
         """Store ½[proj_v(e_v) + proj_a(e_a)] (heads in eval mode) of the voxels both branches predict
         correctly (background included) for each labeled sample; returns the correctness mask."""
-        correct = (p_v.argmax(1) == label) & (p_a.argmax(1) == label)
+        correct = (argmax(p_v, 1) == label) & (argmax(p_a, 1) == label)
         heads = (self.proj_v, self.proj_a)
         modes = [h.training for h in heads]
         for h in heads:
@@ -201,7 +202,7 @@ class CAML(Method):
     def occ(self, emb_v, emb_a, p_v, p_a) -> torch.Tensor | None:
         """Omni-correlation consistency on the unlabeled voxels where both branches agree."""
         conf, lab_v = p_v.max(1)
-        keep = (lab_v == p_a.argmax(1)).flatten()
+        keep = (lab_v == argmax(p_a, 1)).flatten()
         if int(keep.sum()) < 2:  # train-mode BatchNorm needs two rows
             return None
         memory = self.memory.sample(self.options.memory_per_class)

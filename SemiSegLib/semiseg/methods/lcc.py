@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ops import argmax
 from . import register_method
 from .common import teacher_noise
 from .parts.confidence import confidence_mask, entropy_mask, low_confidence_consistency
@@ -91,7 +92,7 @@ class LCC(SeparationMethod):
         student_probs = torch.softmax(logits_u.float(), 1)
         cons = low_confidence_consistency(student_probs, teacher_probs, low)
         source = teacher_probs if o.pseudo_labels == "teacher" else student_probs.detach()
-        pseudo = source.argmax(1)
+        pseudo = argmax(source, 1)
         keep = {"low_conf": low[:, 0] > 0, "high_conf": low[:, 0] == 0, "all": None}[o.sep_pixels]
         sep_u = self.separation.term(embedding_u, pseudo, keep)
         return {"consistency": cons, "sep_u": sep_u, "low_conf_fraction": low.mean().detach()}
@@ -106,7 +107,7 @@ class LCC(SeparationMethod):
         label = batch.labeled_label
         sup = self.supervised(logits[:nl], label)
         with torch.no_grad():
-            pred_l = logits[:nl].argmax(1)
+            pred_l = argmax(logits[:nl], 1)
             u = batch.unlabeled_image
             teacher_probs = torch.softmax(self.teacher(u + teacher_noise(u, o.noise_std, o.noise_clip)).float(), 1)
         n_mem = self.separation.update_memory(emb[:nl], pred_l, label)

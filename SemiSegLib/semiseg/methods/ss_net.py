@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..losses import supervised_loss
+from ..ops import argmax
 from ..schedules import consistency_weight
 from . import register_method
 from .reference import ACDC_VAL, HONEST, Differs, Reference
@@ -173,7 +174,7 @@ class SSNet(SeparationMethod):
         emb = feats.embedding
         self.separation.check(emb)
         with torch.no_grad():
-            pred = logits.argmax(1)  # argmax of softmax = argmax of logits
+            pred = argmax(logits, 1)  # argmax of softmax = argmax of logits
         label = batch.labeled_label
         sup = self.supervised(logits[:nl], label)
         n_mem = self.separation.update_memory(emb[:nl], pred[:nl], label)
