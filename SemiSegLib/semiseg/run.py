@@ -27,7 +27,7 @@ from typing import Callable
 from . import finetune
 from . import runlock
 from .config import TrainConfig, matched_supervised, resolve_config, with_recorded_selection
-from .data.datasets import DataSplits, check_images, load_dataset
+from .data.datasets import DataSplits, check_images, keep_held_out_apart, load_dataset
 from .errors import SemiSegError
 from .planning import Plan, apply_plan, existing_plan, fingerprint_splits, make_plan, plan_applies, plan_overrides
 
@@ -92,7 +92,7 @@ def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on
     if plan_applies(cfg):
         if data is None:  # a folder/CSV is read before the plan decides its dimension
             data = load_run_data(cfg, given.get("dim") or None)
-        _check(data, on_warning)
+        data = _check(data, on_warning)
         saved = Path(out_dir) / "plan.json" if out_dir and write_plan else None
         plan = existing_plan(cfg, saved if resume else None)
         if plan is None and source is not None and source["meta"].get("plan") and "plan" not in given:
@@ -114,7 +114,7 @@ def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on
     else:
         if data is None:
             data = load_run_data(cfg)
-        _check(data, on_warning)
+        data = _check(data, on_warning)
     recipe = budget_recipe(cfg) if not resume else None  # a resumed run's config.json already holds it
     if recipe is not None:
         cfg = resolve_config(explicit, file_values, {**(plan.config_values() if plan else {}), **recipe.config_values()})
@@ -144,11 +144,14 @@ def budget_recipe(cfg: TrainConfig):
                                get_method(cfg.method).step_cost)
 
 
-def _check(data: DataSplits, on_warning: Callable[[str], None] | None) -> None:
+def _check(data: DataSplits, on_warning: Callable[[str], None] | None) -> DataSplits:
+    """The splits a run may train on: images checked, held-out cases kept out of training; warnings reported."""
     check_images(data)
+    data = keep_held_out_apart(data)
     for w in data.warnings:
         if on_warning:
             on_warning(w)
+    return data
 
 
 def _jsonable(v):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -183,13 +183,12 @@ def load_la(root: Path, labeled: int, val_split: str | None, test_split: str | N
         raise SemiSegError("no labeled case: --labeled must be at least 1 for LA")
     if labeled > len(names):
         raise SemiSegError(f"--labeled {labeled} exceeds the {len(names)} volumes of {root / 'train.list'}")
-    val = _split_refs(val_split, root, read_la_h5) if val_split else []
-    val_names = {v.name for v in val}
     return DataSplits(
         kind="la", dim=3, classes=list(LA_CLASSES),
         labeled=[_la_ref(root, n, True) for n in names[:labeled]],
-        unlabeled=[_la_ref(root, n, False) for n in names[labeled:] if n not in val_names],
-        val=val, test=_split_refs(test_split, root, read_la_h5), normalization="none",
+        unlabeled=[_la_ref(root, n, False) for n in names[labeled:]],
+        val=_split_refs(val_split, root, read_la_h5), test=_split_refs(test_split, root, read_la_h5),
+        normalization="none",
         description=f"LA first {labeled} of train.list labeled, {len(names) - labeled} unlabeled")
 
 
@@ -277,6 +276,39 @@ def _file_refs(image: Path, label: Path | None, classes_holder: dict) -> CaseRef
                                sort_keys=True)
     return CaseRef(name, lambda: _named(read_volume(image), name), load_label if label else None,
                    tuple(str(p) for p in (image, label) if p is not None), label_key)
+
+
+def _case_key(ref: CaseRef, kind: str) -> str:
+    """What makes two cases the same scan: the image file; else its name (ACDC: the patient, since the
+    literature splits ACDC by patient and both frames of a patient are one case)."""
+    if ref.sources:
+        return ref.sources[0]
+    return ref.scan_name.split("_")[0] if kind == "acdc" else ref.scan_name
+
+
+def keep_held_out_apart(data: DataSplits) -> DataSplits:
+    """Validation and test cases are never trained on. A labeled training case that is also a validation or
+    test case is an error (its label would train the model it scores); unlabeled ones are left out of training
+    with a warning (e.g. LA's train.list names every volume and a test list names some of them)."""
+    held: dict[str, str] = {}
+    for split in ("val", "test"):
+        for ref in getattr(data, split):
+            held.setdefault(_case_key(ref, data.kind), "validation" if split == "val" else "test")
+    for ref in data.labeled:
+        split = held.get(_case_key(ref, data.kind))
+        if split:
+            raise SemiSegError(f"case '{ref.scan_name}' is a labeled training case and also in the {split} split: a "
+                               f"held-out case must not be trained on (take it out of the {split} list or label fewer cases)")
+    left = [r for r in data.unlabeled if _case_key(r, data.kind) in held]
+    if not left:
+        return data
+    names = sorted({r.scan_name for r in left})
+    splits = sorted({held[_case_key(r, data.kind)] for r in left})
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    warning = (f"{len(names)} unlabeled case(s) left out of training: they are in the {' and '.join(splits)} "
+               f"split ({shown})")
+    return replace(data, unlabeled=[r for r in data.unlabeled if _case_key(r, data.kind) not in held],
+                   warnings=data.warnings + [warning])
 
 
 def check_images(data: DataSplits) -> None:
