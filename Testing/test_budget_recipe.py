@@ -17,6 +17,11 @@ def test_speed_model_by_hand():
         3.5 * 24 * 65536 / 2.2e6)
     assert estimated_seconds_per_iteration((256, 256), 12, 12, 3.5, 2, False) == pytest.approx(
         2 * 3.5 * 24 * 65536 / 2.2e6)  # fp32 at half the rate
+    # 3D voxels at their own rate: 3.0e6 (bf16) and 1.35e6 (fp32) per core
+    assert estimated_seconds_per_iteration((112, 112, 80), 2, 2, 3.5, 2, True) == pytest.approx(
+        3.5 * 4 * 112 * 112 * 80 / 6.0e6)
+    assert estimated_seconds_per_iteration((112, 112, 80), 2, 2, 3.5, 2, False) == pytest.approx(
+        3.5 * 4 * 112 * 112 * 80 / 2.7e6)
 
 
 @pytest.mark.parametrize("step_cost,machine_desc,expected", [
@@ -37,7 +42,7 @@ def test_short_budget_recipe_for_acdc_in_30_minutes(step_cost, machine_desc, exp
     # a 2D recipe predicts with logits upsampled bilinearly to the slice, averaged over its reflections
     assert r.config_values() == {"patch_size": expected[0], "labeled_batch": expected[1],
                                  "unlabeled_batch": expected[2], "val_every": 3000, "resize": "bilinear",
-                                 "tta": "reflections"}
+                                 "tta": "reflections", "lr_schedule": "poly"}
     assert r.describe().startswith("short-budget recipe: %dx%d, batch %d+%d, bilinear inference resize, "
                                    "test-time reflections" % (*expected[0], *expected[1:3]))
 
@@ -61,10 +66,19 @@ def test_a_gpu_or_a_recipe_that_fits_is_kept():
 
 
 def test_3d_patches_shrink_on_every_axis_to_multiples_of_16():
+    # LA Mean Teacher (112x112x80, 2+2) at 3.0e6 voxel-passes/s per core on 2 bf16 cores: 2.34 s/it, 2767
+    # iterations in 0.9 x 2 hours (< 3000); 80x80x64 (3/4, rounded down to 16s) 0.956 s/it, 6780
     r = short_budget_recipe(7200, CPU_BF16, 3, (112, 112, 80), 2, 2, 15000, 0, 3.5)
-    assert (r.patch_size, r.labeled_batch, r.val_every) == ((64, 64, 64), 2, 0)
-    assert "resize" not in r.config_values()  # 3D predicts by sliding window, at the training spacing
-    assert "tta" not in r.config_values()  # and once per window (5 passes would cost a 3D model too much)
+    assert (r.patch_size, r.labeled_batch, r.val_every, r.iterations_affordable) == ((80, 80, 64), 2, 0, 6780)
+    assert r.recipe_iterations_affordable == 2767
+    # in 30 minutes nothing affords 3000: the cheapest, 64^3 (the 3D floor; 1/2 would be 48x48x32), 2+2
+    r30 = short_budget_recipe(1800, CPU_BF16, 3, (112, 112, 80), 2, 2, 15000, 0, 3.5)
+    assert (r30.patch_size, r30.labeled_batch, r30.unlabeled_batch) == ((64, 64, 64), 2, 2)
+    values = r.config_values()
+    assert "resize" not in values  # 3D predicts by sliding window, at the training spacing
+    assert "tta" not in values  # and once per window (5 passes would cost a 3D model too much)
+    assert values["stride"] == (20, 20, 16)  # windows a quarter of the patch apart, not the recipe's 18x18x4
+    assert values["lr_schedule"] == "poly"  # not the recipe's x0.1 every 2500 iterations, compressed
 
 
 def test_prepare_run_applies_the_recipe_under_what_the_user_sets(monkeypatch):
