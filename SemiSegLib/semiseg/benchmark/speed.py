@@ -145,7 +145,7 @@ def _measure(trainer, cfg, warmup, iterations, inference_volumes, offset, predic
         "seconds": round(total, 4), "it_per_s": measured / max(total, 1e-12),
         "data_seconds": round(t_data, 4), "data_share": min(max(t_data / max(total, 1e-12), 0.0), 1.0),
         "final_loss": float(terms["loss"].detach()) if terms else None, "memory_kind": memory_kind,
-        "channels_last": trainer.channels_last, "compile": cfg.compile, "machine": describe(),
+        "channels_last": trainer.memory_format is not None, "compile": cfg.compile, "machine": describe(),
     }
     if cuda:
         out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -299,16 +299,20 @@ def keep_held_out_apart(data: DataSplits) -> DataSplits:
         if split:
             raise SemiSegError(f"case '{ref.scan_name}' is a labeled training case and also in the {split} split: a "
                                f"held-out case must not be trained on (take it out of the {split} list or label fewer cases)")
-    left = [r for r in data.unlabeled if _case_key(r, data.kind) in held]
+    kept, left = [], {}  # left: scan name -> the split that holds it
+    for ref in data.unlabeled:
+        split = held.get(_case_key(ref, data.kind))
+        if split:
+            left[ref.scan_name] = split
+        else:
+            kept.append(ref)
     if not left:
         return data
-    names = sorted({r.scan_name for r in left})
-    splits = sorted({held[_case_key(r, data.kind)] for r in left})
+    names = sorted(left)
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    warning = (f"{len(names)} unlabeled case(s) left out of training: they are in the {' and '.join(splits)} "
-               f"split ({shown})")
-    return replace(data, unlabeled=[r for r in data.unlabeled if _case_key(r, data.kind) not in held],
-                   warnings=data.warnings + [warning])
+    warning = (f"{len(names)} unlabeled case(s) left out of training: they are in the "
+               f"{' and '.join(sorted(set(left.values())))} split ({shown})")
+    return replace(data, unlabeled=kept, warnings=data.warnings + [warning])
 
 
 def check_images(data: DataSplits) -> None:

@@ -130,10 +130,9 @@ class Trainer:
         # after the build: the decision needs the largest parameter tensor (machine.keep_freed_memory)
         keep_freed_memory(cfg.keep_freed_memory,
                           max((p.numel() * p.element_size() for p in self.method.parameters()), default=0))
-        layout = channels_last_format(cfg.dim, self.device) if cfg.channels_last else None
-        self.channels_last = layout is not None
-        self.memory_format = layout or torch.contiguous_format
-        if self.channels_last:
+        # the channels-last layout of networks and batches; None: as built
+        self.memory_format = channels_last_format(cfg.dim, self.device) if cfg.channels_last else None
+        if self.memory_format is not None:
             self.method.to(memory_format=self.memory_format)
         self.method.student = D.convert_sync_bn(self.method.student, self.dist, self.device, cfg.sync_bn)
         if cfg.compile:  # in place (nn.Module.compile): state_dict keys stay plain, checkpoints unchanged
@@ -284,7 +283,7 @@ class Trainer:
         lr = learning_rate(step, cfg.lr, cfg.lr_schedule, cfg.iterations, cfg.lr_step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        if self.channels_last:
+        if self.memory_format is not None:
             batch = _channels_last(batch, self.memory_format)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
