@@ -52,6 +52,17 @@ def test_supervised_keeps_the_size_and_halves_the_batch():
     assert (r.patch_size, r.labeled_batch, r.unlabeled_batch) == ((256, 256), 6, 0)  # 3022 iterations
 
 
+def test_a_size_or_batch_the_user_sets_is_kept_and_the_rest_chosen_around_it():
+    # batch 12+12 set: 256², 192², 128² at 12+12 afford 647, 1150, 2589 (< 3000): the cheapest, 128² 12+12
+    r = short_budget_recipe(1800, CPU_BF16, step_cost=3.5, fixed=frozenset({"labeled_batch", "unlabeled_batch"}),
+                            **ACDC)
+    assert (r.patch_size, r.labeled_batch, r.unlabeled_batch, r.iterations_affordable) == ((128, 128), 12, 12, 2589)
+    # size 160² set: 12+12 affords 1657, 6+6 3314 >= 3000
+    r = short_budget_recipe(1800, CPU_BF16, step_cost=3.5, fixed=frozenset({"patch_size"}),
+                            **{**ACDC, "patch_size": (160, 160)})
+    assert (r.patch_size, r.labeled_batch, r.unlabeled_batch, r.iterations_affordable) == ((160, 160), 6, 6, 3314)
+
+
 def test_nothing_fits_gives_the_cheapest_candidate():
     r = short_budget_recipe(60, CPU_BF16, step_cost=3.5, **ACDC)
     assert (r.patch_size, r.labeled_batch, r.unlabeled_batch) == ((128, 128), 2, 2)
@@ -82,7 +93,7 @@ def test_3d_patches_shrink_on_every_axis_to_multiples_of_16():
 
 
 def test_prepare_run_applies_the_recipe_under_what_the_user_sets(monkeypatch):
-    """phantom:6 (96², 4+4, 600 iterations) in 60 s on a described 2-core bf16 CPU: 4+4 affords 461 iterations,
+    """phantom:6 (96², 4+4, 600 iterations) in 60 s on a described 2-core bf16 CPU: 4+4 affords 460 iterations,
     2+2 922, so the recipe's batch is 2+2; the user's explicit labeled batch 4 wins over it."""
     monkeypatch.setattr(machine, "describe", lambda: {"native_bf16": True, "gpu": ""})
     told = []
@@ -91,8 +102,11 @@ def test_prepare_run_applies_the_recipe_under_what_the_user_sets(monkeypatch):
     assert (cfg.patch_size, cfg.labeled_batch, cfg.unlabeled_batch, cfg.val_every) == ((96, 96), 2, 2, 60)
     assert (cfg.resize, cfg.tta) == ("bilinear", "reflections")
     assert len(told) == 1 and told[0].startswith("short-budget recipe: 96x96, batch 2+2")
-    cfg, _, _ = prepare_run({**explicit, "labeled_batch": 4})
-    assert (cfg.labeled_batch, cfg.unlabeled_batch) == (4, 2)
+    told.clear()
+    cfg, _, _ = prepare_run({**explicit, "labeled_batch": 4}, on_recipe=told.append)
+    # the user's labeled batch is kept and the unlabeled one follows the recipe's ratio; the line tells that run
+    assert (cfg.labeled_batch, cfg.unlabeled_batch) == (4, 4)
+    assert told[0].startswith("short-budget recipe: 96x96, batch 4+4") and "about 460 iterations" in told[0]
     cfg, _, _ = prepare_run({k: v for k, v in explicit.items() if k != "time_budget"})
     assert (cfg.labeled_batch, cfg.unlabeled_batch, cfg.val_every) == (4, 4, 100)  # no budget: the recipe
     assert (cfg.resize, cfg.tta) == ("nearest", "none")  # Mean Teacher's reference inference (SSL4MIS)

@@ -115,7 +115,7 @@ def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on
         if data is None:
             data = load_run_data(cfg)
         data = _check(data, on_warning)
-    recipe = budget_recipe(cfg) if not resume else None  # a resumed run's config.json already holds it
+    recipe = budget_recipe(cfg, given) if not resume else None  # a resumed run's config.json already holds it
     if recipe is not None:
         cfg = resolve_config(explicit, file_values, {**(plan.config_values() if plan else {}), **recipe.config_values()})
         if on_recipe:
@@ -127,8 +127,12 @@ def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on
     return cfg, data, plan
 
 
-def budget_recipe(cfg: TrainConfig):
-    """The short-budget recipe for ``cfg`` on this machine, or None (no budget, a GPU, or the recipe fits)."""
+RECIPE_SIZE_FIELDS = ("patch_size", "labeled_batch", "unlabeled_batch")  # what the recipe chooses around the user
+
+
+def budget_recipe(cfg: TrainConfig, given: dict | None = None):
+    """The short-budget recipe for ``cfg`` on this machine, or None (no budget, a GPU, or the recipe fits).
+    ``given``: the values the user set (command line, job, config file): a size or batch among them is kept."""
     if not cfg.time_budget:
         return None
     import torch
@@ -141,7 +145,8 @@ def budget_recipe(cfg: TrainConfig):
     machine = {**describe(), "threads": cfg.threads or torch.get_num_threads(), "gpu": "cuda" if gpu else ""}
     return short_budget_recipe(parse_duration(cfg.time_budget), machine, cfg.dim, tuple(cfg.patch_size),
                                cfg.labeled_batch, cfg.unlabeled_batch, cfg.iterations, cfg.val_every,
-                               get_method(cfg.method).step_cost)
+                               get_method(cfg.method).step_cost,
+                               fixed=frozenset(RECIPE_SIZE_FIELDS).intersection(given or {}))
 
 
 def _check(data: DataSplits, on_warning: Callable[[str], None] | None) -> DataSplits:

@@ -20,7 +20,8 @@ windows a quarter of the patch apart: the LA recipe's 18x18x4 stride, made for 1
 64^3 per LA volume. LA-8 Mean Teacher, 30 minutes on 2 cores, 64^3, test Dice on 10 held-out volumes: step schedule
 58.0 (18x18x4 stride), poly 73.2 (18x18x4, 41 s per volume), 72.7 (16^3, 20 s), 70.6 (32^3, about 5 s).
 On a GPU, or when the recipe fits, nothing changes. Fields the user sets win (this is a layer under the
-config file and the command line).
+config file and the command line); a training size or batch the user sets is kept while the recipe chooses the
+rest around it, so its estimate and its printed line are those of the run.
 
 The speed model is a rough one, ours: an iteration costs ``step_cost`` image forward passes per sample
 (:attr:`semiseg.methods.base.Method.step_cost`) at ``PIXEL_RATE_PER_CORE`` pixel-passes per second per
@@ -102,9 +103,11 @@ def _sizes(patch_size: tuple[int, ...], dim: int) -> list[tuple[int, ...]]:
 
 def short_budget_recipe(budget_s: float, machine: dict, dim: int, patch_size: tuple[int, ...], labeled_batch: int,
                         unlabeled_batch: int, iterations: int, val_every: int,
-                        step_cost: float = 3.5) -> ShortBudgetRecipe | None:
+                        step_cost: float = 3.5, fixed: frozenset[str] = frozenset()) -> ShortBudgetRecipe | None:
     """The recipe for ``budget_s`` seconds on ``machine`` (:func:`semiseg.machine.describe`: ``gpu``,
-    ``threads``, ``native_bf16``), or None when the recipe is kept (a GPU, or it affords its iterations)."""
+    ``threads``, ``native_bf16``), or None when the recipe is kept (a GPU, or it affords its iterations).
+    ``fixed``: the fields among ``patch_size``, ``labeled_batch`` and ``unlabeled_batch`` the user set; they keep
+    their given values and the recipe chooses the others around them (its estimate is that of the run)."""
     if machine.get("gpu"):
         return None
     cores, bf16 = int(machine.get("threads") or machine.get("cores") or 1), bool(machine.get("native_bf16"))
@@ -120,15 +123,19 @@ def short_budget_recipe(budget_s: float, machine: dict, dim: int, patch_size: tu
         return None
     min_batch = max(2, min(cores, labeled_batch))
     comfortable = max(min_batch, 4, labeled_batch // 2)  # batch halved at most while the size can still shrink
-    sizes = _sizes(tuple(patch_size), dim)
+    sizes = [tuple(patch_size)] if "patch_size" in fixed else _sizes(tuple(patch_size), dim)
     candidates = [(size, lb) for size in sizes for lb in dict.fromkeys((labeled_batch, comfortable))]
     lb = comfortable
     while lb > min_batch:  # at the smallest size the batch may go down to one sample per core
         lb = max(min_batch, lb // 2)
         candidates.append((sizes[-1], lb))
+    if "labeled_batch" in fixed:
+        candidates = list(dict.fromkeys((size, labeled_batch) for size, _ in candidates))
     choice = None
     for size, lb in candidates:
         ub = 0 if unlabeled_batch == 0 else max(min_batch, round(unlabeled_batch * lb / labeled_batch))
+        if "unlabeled_batch" in fixed:
+            ub = unlabeled_batch
         s, n = affordable(size, lb, ub)
         if n >= target or (size, lb) == candidates[-1]:
             reason = f"fits {target} iterations" if n >= target else f"the cheapest candidate; {target} iterations do not fit"
