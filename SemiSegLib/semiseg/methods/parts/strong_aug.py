@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 LEVELS = 255.0
+CUTMIX_CANDIDATES = 16   # (aspect, position) draws per box and round (see cutmix_box)
+CUTMIX_MAX_TRIES = 1024  # draws per box at most (the reference loops until one fits)
 
 
 @dataclass
@@ -196,18 +198,25 @@ def cutmix_box(batch: int, size: tuple[int, ...], p: float = 0.5, area_min: floa
     starts = torch.zeros(batch, nd, dtype=torch.long)
     pending = apply.clone()
     dims = torch.tensor(size, dtype=torch.float64)
-    for _ in range(1000):
+    # The reference redraws (aspect, position) one at a time until the box fits; the first fitting one of
+    # CUTMIX_CANDIDATES independent draws has the same distribution and takes a few tensor calls, not a few
+    # dozen per box (host time that a GPU step waits for).
+    for _ in range(CUTMIX_MAX_TRIES // CUTMIX_CANDIDATES):
         if not bool(pending.any()):
             break
         idx = pending.nonzero().flatten()
-        r = uniform(len(idx), ratio_min, ratio_max, generator)
-        aspect = torch.ones(len(idx), nd, dtype=torch.float64)
-        aspect[:, 0], aspect[:, 1] = r.sqrt(), 1 / r.sqrt()
-        ln = (dims.view(1, -1) * frac[idx].view(-1, 1) * aspect).long()  # int(): truncation, as the reference
-        st = torch.stack([torch.randint(0, n, (len(idx),), generator=generator) for n in size], 1)
-        fits = ((st + ln) <= torch.tensor(size).view(1, -1)).all(1)
-        lengths[idx[fits]], starts[idx[fits]] = ln[fits], st[fits]
-        pending[idx[fits]] = False
+        r = uniform(len(idx) * CUTMIX_CANDIDATES, ratio_min, ratio_max, generator).view(len(idx), CUTMIX_CANDIDATES)
+        aspect = torch.ones(len(idx), CUTMIX_CANDIDATES, nd, dtype=torch.float64)
+        aspect[..., 0], aspect[..., 1] = r.sqrt(), 1 / r.sqrt()
+        ln = (dims * frac[idx].view(-1, 1, 1) * aspect).long()  # int(): truncation, as the reference
+        st = torch.stack([torch.randint(0, n, (len(idx), CUTMIX_CANDIDATES), generator=generator) for n in size], -1)
+        fits = ((st + ln) <= torch.tensor(size)).all(-1)  # (pending, candidates)
+        found = fits.any(1)
+        first = fits.int().argmax(1)  # the first fitting candidate (argmax returns the first maximum)
+        take = torch.arange(len(idx))
+        lengths[idx[found]] = ln[take, first][found]
+        starts[idx[found]] = st[take, first][found]
+        pending[idx[found]] = False
     mask = torch.ones((batch,) + tuple(size), dtype=torch.bool, device=device)
     lo = starts.to(device, non_blocking=True)
     hi = (starts + lengths).to(device, non_blocking=True)
