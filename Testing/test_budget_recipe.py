@@ -54,12 +54,11 @@ def test_supervised_keeps_the_size_and_halves_the_batch():
 
 def test_a_size_or_batch_the_user_sets_is_kept_and_the_rest_chosen_around_it():
     # batch 12+12 set: 256², 192², 128² at 12+12 afford 647, 1150, 2589 (< 3000): the cheapest, 128² 12+12
-    r = short_budget_recipe(1800, CPU_BF16, step_cost=3.5, fixed=frozenset({"labeled_batch", "unlabeled_batch"}),
+    r = short_budget_recipe(1800, CPU_BF16, step_cost=3.5, fixed={"labeled_batch": 12, "unlabeled_batch": 12},
                             **ACDC)
     assert (r.patch_size, r.labeled_batch, r.unlabeled_batch, r.iterations_affordable) == ((128, 128), 12, 12, 2589)
     # size 160² set: 12+12 affords 1657, 6+6 3314 >= 3000
-    r = short_budget_recipe(1800, CPU_BF16, step_cost=3.5, fixed=frozenset({"patch_size"}),
-                            **{**ACDC, "patch_size": (160, 160)})
+    r = short_budget_recipe(1800, CPU_BF16, step_cost=3.5, fixed={"patch_size": (160, 160)}, **ACDC)
     assert (r.patch_size, r.labeled_batch, r.unlabeled_batch, r.iterations_affordable) == ((160, 160), 6, 6, 3314)
 
 
@@ -107,6 +106,11 @@ def test_prepare_run_applies_the_recipe_under_what_the_user_sets(monkeypatch):
     # the user's labeled batch is kept and the unlabeled one follows the recipe's ratio; the line tells that run
     assert (cfg.labeled_batch, cfg.unlabeled_batch) == (4, 4)
     assert told[0].startswith("short-budget recipe: 96x96, batch 4+4") and "about 460 iterations" in told[0]
+    # a size the user sets that alone would fit the budget: the budget is still short for the recipe (96²), so
+    # the recipe's inference and cadence apply around it (64² 4+4: 1036 iterations)
+    cfg, _, _ = prepare_run({**explicit, "patch_size": (64, 64)})
+    assert (cfg.patch_size, cfg.labeled_batch, cfg.resize, cfg.tta, cfg.val_every) == ((64, 64), 4, "bilinear",
+                                                                                       "reflections", 60)
     cfg, _, _ = prepare_run({k: v for k, v in explicit.items() if k != "time_budget"})
     assert (cfg.labeled_batch, cfg.unlabeled_batch, cfg.val_every) == (4, 4, 100)  # no budget: the recipe
     assert (cfg.resize, cfg.tta) == ("nearest", "none")  # Mean Teacher's reference inference (SSL4MIS)

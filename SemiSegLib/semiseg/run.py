@@ -115,7 +115,14 @@ def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on
         if data is None:
             data = load_run_data(cfg)
         data = _check(data, on_warning)
-    recipe = budget_recipe(cfg, given) if not resume else None  # a resumed run's config.json already holds it
+    recipe = None
+    if not resume:  # a resumed run's config.json already holds it
+        # judged on the dataset's recipe (the plan's size and batch), kept to what the user set
+        unset = {k: v for k, v in explicit.items() if k not in RECIPE_SIZE_FIELDS}
+        basis = resolve_config(unset, {k: v for k, v in file_values.items() if k not in RECIPE_SIZE_FIELDS},
+                               plan.config_values() if plan else None)
+        recipe = budget_recipe(basis, {k: getattr(cfg, k) for k in RECIPE_SIZE_FIELDS
+                                       if k in explicit or k in file_values})
     if recipe is not None:
         cfg = resolve_config(explicit, file_values, {**(plan.config_values() if plan else {}), **recipe.config_values()})
         if on_recipe:
@@ -130,9 +137,9 @@ def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on
 RECIPE_SIZE_FIELDS = ("patch_size", "labeled_batch", "unlabeled_batch")  # what the recipe chooses around the user
 
 
-def budget_recipe(cfg: TrainConfig, given: dict | None = None):
-    """The short-budget recipe for ``cfg`` on this machine, or None (no budget, a GPU, or the recipe fits).
-    ``given``: the values the user set (command line, job, config file): a size or batch among them is kept."""
+def budget_recipe(cfg: TrainConfig, fixed: dict | None = None):
+    """The short-budget recipe for ``cfg`` (the dataset's recipe) on this machine, or None (no budget, a GPU, or
+    the recipe fits). ``fixed``: the training size or batch the user set, kept by the recipe."""
     if not cfg.time_budget:
         return None
     import torch
@@ -146,7 +153,7 @@ def budget_recipe(cfg: TrainConfig, given: dict | None = None):
     return short_budget_recipe(parse_duration(cfg.time_budget), machine, cfg.dim, tuple(cfg.patch_size),
                                cfg.labeled_batch, cfg.unlabeled_batch, cfg.iterations, cfg.val_every,
                                get_method(cfg.method).step_cost,
-                               fixed=frozenset(RECIPE_SIZE_FIELDS).intersection(given or {}))
+                               fixed=fixed)
 
 
 def _check(data: DataSplits, on_warning: Callable[[str], None] | None) -> DataSplits:

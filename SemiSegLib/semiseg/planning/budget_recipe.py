@@ -103,11 +103,13 @@ def _sizes(patch_size: tuple[int, ...], dim: int) -> list[tuple[int, ...]]:
 
 def short_budget_recipe(budget_s: float, machine: dict, dim: int, patch_size: tuple[int, ...], labeled_batch: int,
                         unlabeled_batch: int, iterations: int, val_every: int,
-                        step_cost: float = 3.5, fixed: frozenset[str] = frozenset()) -> ShortBudgetRecipe | None:
+                        step_cost: float = 3.5, fixed: dict | None = None) -> ShortBudgetRecipe | None:
     """The recipe for ``budget_s`` seconds on ``machine`` (:func:`semiseg.machine.describe`: ``gpu``,
     ``threads``, ``native_bf16``), or None when the recipe is kept (a GPU, or it affords its iterations).
-    ``fixed``: the fields among ``patch_size``, ``labeled_batch`` and ``unlabeled_batch`` the user set; they keep
-    their given values and the recipe chooses the others around them (its estimate is that of the run)."""
+    ``patch_size``, ``labeled_batch``, ``unlabeled_batch``: the dataset's recipe. ``fixed``: the values among
+    these three that the user set; they are kept and the recipe chooses the others around them (its estimate is
+    that of the run). Whether the budget is short is judged on the recipe as it is."""
+    fixed = fixed or {}
     if machine.get("gpu"):
         return None
     cores, bf16 = int(machine.get("threads") or machine.get("cores") or 1), bool(machine.get("native_bf16"))
@@ -123,19 +125,19 @@ def short_budget_recipe(budget_s: float, machine: dict, dim: int, patch_size: tu
         return None
     min_batch = max(2, min(cores, labeled_batch))
     comfortable = max(min_batch, 4, labeled_batch // 2)  # batch halved at most while the size can still shrink
-    sizes = [tuple(patch_size)] if "patch_size" in fixed else _sizes(tuple(patch_size), dim)
+    sizes = [tuple(fixed["patch_size"])] if "patch_size" in fixed else _sizes(tuple(patch_size), dim)
     candidates = [(size, lb) for size in sizes for lb in dict.fromkeys((labeled_batch, comfortable))]
     lb = comfortable
     while lb > min_batch:  # at the smallest size the batch may go down to one sample per core
         lb = max(min_batch, lb // 2)
         candidates.append((sizes[-1], lb))
     if "labeled_batch" in fixed:
-        candidates = list(dict.fromkeys((size, labeled_batch) for size, _ in candidates))
+        candidates = list(dict.fromkeys((size, int(fixed["labeled_batch"])) for size, _ in candidates))
     choice = None
     for size, lb in candidates:
         ub = 0 if unlabeled_batch == 0 else max(min_batch, round(unlabeled_batch * lb / labeled_batch))
         if "unlabeled_batch" in fixed:
-            ub = unlabeled_batch
+            ub = int(fixed["unlabeled_batch"])
         s, n = affordable(size, lb, ub)
         if n >= target or (size, lb) == candidates[-1]:
             reason = f"fits {target} iterations" if n >= target else f"the cheapest candidate; {target} iterations do not fit"
