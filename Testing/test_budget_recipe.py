@@ -116,3 +116,21 @@ def test_prepare_run_applies_the_recipe_under_what_the_user_sets(monkeypatch):
     assert (cfg.resize, cfg.tta) == ("nearest", "none")  # Mean Teacher's reference inference (SSL4MIS)
     cfg, _, _ = prepare_run({**explicit, "resize": "nearest", "tta": "none"})
     assert (cfg.resize, cfg.tta) == ("nearest", "none")  # the user's choice wins over the recipe's
+
+
+def test_a_users_folder_is_judged_on_its_plan_not_on_the_size_the_user_sets(tmp_path, monkeypatch):
+    """A planned folder (3D, plan: 32x16x16, batch 2+2) with a 40 s budget on a described 2-core bf16 CPU: the
+    plan's recipe affords 1883 iterations (< 3000), so the budget is short; the user's 16³ alone would afford 3766.
+    With the user's 16³ the recipe still applies around it: windows a quarter patch apart (4³)."""
+    from test_planning import write_cases
+    monkeypatch.setattr(machine, "describe", lambda: {"native_bf16": True, "gpu": ""})
+    base = (0.7, 0.9, 1.1)
+    folder = write_cases(tmp_path / "scans", [base, tuple(s / 2 for s in base)], (20, 16, 12))
+    explicit = {"data": str(folder), "method": "mean_teacher", "labeled": 1, "device": "cpu", "threads": 2,
+                "cache_dir": str(tmp_path / "cache")}
+    cfg, _, _ = prepare_run(explicit)
+    assert (cfg.patch_size, cfg.labeled_batch, cfg.unlabeled_batch) == ((32, 16, 16), 2, 2)
+    told = []
+    cfg, _, _ = prepare_run({**explicit, "time_budget": "40s", "patch_size": (16, 16, 16)}, on_recipe=told.append)
+    assert (cfg.patch_size, cfg.labeled_batch, cfg.unlabeled_batch, cfg.stride) == ((16, 16, 16), 2, 2, (4, 4, 4))
+    assert told[0].startswith("short-budget recipe: 16x16x16, batch 2+2") and "about 3766 iterations" in told[0]

@@ -88,7 +88,7 @@ def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on
             finetune.check_out_dir(source, out_dir)
         file_values = {**finetune.inherited_values(source, given), **file_values}
     cfg = resolve_config(explicit, file_values)
-    plan = None
+    plan = plan_basis = None
     if plan_applies(cfg):
         if data is None:  # a folder/CSV is read before the plan decides its dimension
             data = load_run_data(cfg, given.get("dim") or None)
@@ -98,7 +98,13 @@ def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on
         if plan is None and source is not None and source["meta"].get("plan") and "plan" not in given:
             plan = Plan.from_dict(source["meta"]["plan"])  # preprocess as the source model was trained
         if plan is None:
-            plan = make_plan(fingerprint_splits(data, cfg.data), cfg.device, cfg.memory_budget_gb, plan_overrides(given))
+            fingerprint, overrides = fingerprint_splits(data, cfg.data), plan_overrides(given)
+            plan = make_plan(fingerprint, cfg.device, cfg.memory_budget_gb, overrides)
+            if cfg.time_budget and any(k in overrides for k in RECIPE_SIZE_FIELDS):
+                # the short-budget recipe is judged on the plan's own size and batch, not the user's
+                plan_basis = make_plan(fingerprint, cfg.device, cfg.memory_budget_gb,
+                                       {k: v for k, v in overrides.items() if k not in RECIPE_SIZE_FIELDS})
+        plan_basis = plan_basis or plan
         cfg = resolve_config(explicit, file_values, plan.config_values())
         # the config file / command line win over the plan: keep the plan in step with what will run
         plan.dim, plan.network, plan.patch_size = cfg.dim, cfg.network, list(cfg.patch_size)
@@ -120,7 +126,7 @@ def _prepare(explicit, file_values, out_dir, resume, data, baseline, on_plan, on
         # judged on the dataset's recipe (the plan's size and batch), kept to what the user set
         unset = {k: v for k, v in explicit.items() if k not in RECIPE_SIZE_FIELDS}
         basis = resolve_config(unset, {k: v for k, v in file_values.items() if k not in RECIPE_SIZE_FIELDS},
-                               plan.config_values() if plan else None)
+                               plan_basis.config_values() if plan_basis else None)
         recipe = budget_recipe(basis, {k: getattr(cfg, k) for k in RECIPE_SIZE_FIELDS
                                        if k in explicit or k in file_values})
     if recipe is not None:
