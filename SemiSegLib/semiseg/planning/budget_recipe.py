@@ -5,9 +5,13 @@ The literature's recipes (ACDC: 256x256, batch 12+12, 30000 iterations) assume a
 Given the budget and the machine, :func:`short_budget_recipe` estimates the seconds per iteration of the
 recipe and, when the budget affords fewer than ``TARGET_ITERATIONS`` of them, tries in turn: each size of
 a ladder (the recipe's size x 1, 3/4, 1/2, not below ``MIN_SIZE``) with the recipe's batch, then with
-half of it (at least 4); then, at the smallest size, halving the batch again down to one sample per core
-(at least 2 for BatchNorm). The first that affords the target is taken; when none does, the last. The validation cadence is
-set for about ``VALIDATIONS`` validations over the run (the time budget keeps their cost in check).
+half of it (at least 4); then, at the smallest size, halving the batch again down to two samples per core in
+2D (at least 4) and one in 3D (at least 2 for BatchNorm). The first that affords the target is taken; when none
+does, the last. The validation cadence is set for about ``VALIDATIONS`` validations over the run (the time budget
+keeps their cost in check).
+Short runs want optimiser steps more than large batches: ACDC-7 Mean Teacher, 30 minutes on 2 cores at 128x128,
+validation Dice with batch 12+12 (4,408 iterations) 71.3, 6+6 (8,334 and 8,767) 80.9 and 80.0, 4+4 (11,436 to
+13,504) 82.3, 81.6 and 82.3; hence the 2D target of 10,000 iterations and the two-samples-per-core floor.
 A 2D recipe also predicts with ``resize="bilinear"``: the network runs below the slice's resolution, and
 upsampling its logits bilinearly before the argmax (UniMatch's inference) gives smoother boundaries than
 zooming its labels back (SSL4MIS's nearest zoom); on ACDC-7 models trained 30 minutes at 128x128 it added
@@ -25,9 +29,9 @@ rest around it, so its estimate and its printed line are those of the run.
 
 The speed model is a rough one, ours: an iteration costs ``step_cost`` image forward passes per sample
 (:attr:`semiseg.methods.base.Method.step_cost`) at ``PIXEL_RATE_PER_CORE`` pixel-passes per second per
-core; 2D anchored on Mean Teacher's 2.5 s per 256x256 12+12 iteration measured on a 2-core AVX512-BF16 CPU
-with bf16, channels-last and the kept allocator (1.5 s since the UNet's CPU dropout masks; the anchor is kept
-because the sizes it picks are the measured ones: at 30 minutes 128x128 beat 160x160 and 192x192). 3D voxels have
+core; 2D anchored on Mean Teacher's 1.55 s per 256x256 12+12 iteration measured on a 2-core AVX512-BF16 CPU
+with bf16, channels-last and the kept allocator (the real 30-minute runs at 128x128: 0.35 s at 12+12, 0.19 s at
+6+6, 0.13 s at 4+4; the model says 0.39, 0.19, 0.13; fp32 is taken at half the rate). 3D voxels have
 their own rate, anchored on LA Mean Teacher (112x112x80, 2+2, NDHWC) on the same CPU: 2.35 s per iteration with bf16,
 5.16 s with fp32 (0.62 s at 64^3 with bf16: the rate holds across sizes). Its figures only choose the size; the
 time budget measures the real speed and sets the iteration count.
@@ -38,8 +42,10 @@ import math
 from dataclasses import dataclass
 
 # pixel (2D UNet) and voxel (3D V-Net) forward passes per second per core (see the module docstring)
-PIXEL_RATE_PER_CORE = {2: {"bf16": 1.1e6, "fp32": 0.55e6}, 3: {"bf16": 3.0e6, "fp32": 1.35e6}}
-TARGET_ITERATIONS = 3000     # what a short run should afford (ours; not yet tuned on ACDC)
+PIXEL_RATE_PER_CORE = {2: {"bf16": 1.78e6, "fp32": 0.89e6}, 3: {"bf16": 3.0e6, "fp32": 1.35e6}}
+TARGET_ITERATIONS = {2: 10000, 3: 3000}  # what a short run should afford (measured: see the module docstring)
+SMALL_BATCH_PER_CORE = 2     # the smallest 2D batch per stream: two samples per core (at least MIN_SMALL_BATCH)
+MIN_SMALL_BATCH = 4
 SIZE_FACTORS = (1.0, 0.75, 0.5)
 MIN_SIZE = {2: 128, 3: 64}
 VALIDATIONS = 10
@@ -76,7 +82,8 @@ class ShortBudgetRecipe:
 
     def describe(self) -> str:
         size = "x".join(map(str, self.patch_size))
-        return (f"short-budget recipe: {size}, batch {self.labeled_batch}+{self.unlabeled_batch}, "
+        batch = f"{self.labeled_batch}+{self.unlabeled_batch}" if self.unlabeled_batch else f"{self.labeled_batch}"
+        return (f"short-budget recipe: {size}, batch {batch}, "
                 + (f"{self.resize} inference resize, " if self.resize else "")
                 + (f"test-time {self.tta}, " if self.tta else "")
                 + (f"window stride {'x'.join(map(str, self.stride))}, " if self.stride else "")
@@ -106,7 +113,8 @@ def short_budget_recipe(budget_s: float, machine: dict, dim: int, patch_size: tu
                         step_cost: float = 3.5, fixed: dict | None = None) -> ShortBudgetRecipe | None:
     """The recipe for ``budget_s`` seconds on ``machine`` (:func:`semiseg.machine.describe`: ``gpu``,
     ``threads``, ``native_bf16``), or None when the recipe is kept (a GPU, or it affords its iterations).
-    ``patch_size``, ``labeled_batch``, ``unlabeled_batch``: the dataset's recipe. ``fixed``: the values among
+    ``patch_size``, ``labeled_batch``, ``unlabeled_batch``: the dataset's recipe (``unlabeled_batch`` 0 for a
+    method without an unlabeled stream: it stays 0). ``fixed``: the values among
     these three that the user set; they are kept and the recipe chooses the others around them (its estimate is
     that of the run). Whether the budget is short is judged on the recipe as it is."""
     fixed = fixed or {}
@@ -120,23 +128,26 @@ def short_budget_recipe(budget_s: float, machine: dict, dim: int, patch_size: tu
         return s, int(usable // s)
 
     _, full = affordable(patch_size, labeled_batch, unlabeled_batch)
-    target = min(TARGET_ITERATIONS, iterations)
+    target = min(TARGET_ITERATIONS[dim], iterations)
     if full >= target:
         return None
-    min_batch = max(2, min(cores, labeled_batch))
-    comfortable = max(min_batch, 4, labeled_batch // 2)  # batch halved at most while the size can still shrink
+    min_batch = max(2, min(cores, labeled_batch))  # one sample per core, at least 2 (BatchNorm)
+    # batch halved at most while the size can still shrink
+    comfortable = min(labeled_batch, max(min_batch, 4, labeled_batch // 2))
     sizes = [tuple(fixed["patch_size"])] if "patch_size" in fixed else _sizes(tuple(patch_size), dim)
     candidates = [(size, lb) for size in sizes for lb in dict.fromkeys((labeled_batch, comfortable))]
+    # at the smallest size: 2D down to two samples per core (at least 4), 3D down to one
+    smallest = max(min_batch, SMALL_BATCH_PER_CORE * cores, MIN_SMALL_BATCH) if dim == 2 else min_batch
     lb = comfortable
-    while lb > min_batch:  # at the smallest size the batch may go down to one sample per core
-        lb = max(min_batch, lb // 2)
+    while lb > smallest:
+        lb = max(smallest, lb // 2)
         candidates.append((sizes[-1], lb))
     if "labeled_batch" in fixed:
         candidates = list(dict.fromkeys((size, int(fixed["labeled_batch"])) for size, _ in candidates))
     choice = None
     for size, lb in candidates:
         ub = 0 if unlabeled_batch == 0 else max(min_batch, round(unlabeled_batch * lb / labeled_batch))
-        if "unlabeled_batch" in fixed:
+        if "unlabeled_batch" in fixed and unlabeled_batch:
             ub = int(fixed["unlabeled_batch"])
         s, n = affordable(size, lb, ub)
         if n >= target or (size, lb) == candidates[-1]:
