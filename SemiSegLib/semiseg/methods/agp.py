@@ -69,6 +69,9 @@ class AGP(WeakStrongMethod):
                                  "Boomerangli/AIGC-Match AIGCmatch.py, model/unet.py, configs/acdc.yaml", 0.9)
     strong_views = 2
     feature_stream = True
+    # UniMatch's passes plus the attention maps: `semiseg bench`, ACDC 128x128
+    # 4+4, bf16, 2 CPU threads: 0.383 s/it against Mean Teacher's 0.134 (3.5)
+    step_cost = 10.0
 
     def kappa(self, step: int) -> float:
         return kappa_schedule(step, self.ctx.iterations, self.options.kappa_power)

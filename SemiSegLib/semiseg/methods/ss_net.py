@@ -140,7 +140,9 @@ class SeparationMethod(Method):
 class SSNet(SeparationMethod):
     description = ("SS-Net (MICCAI 2022): VAT smoothness + prototype class separation with a learned-selector "
                    "feature memory; single network, Dice-only supervision (code defaults).")
-    step_cost = 8.0  # forward + backward, VAT power iteration (~2) and perturbed forward + backward
+    # forward + backward, VAT power iteration and perturbed forward + backward: `semiseg bench`, ACDC 128x128
+    # 4+4, bf16, 2 CPU threads: 0.396 s/it against Mean Teacher's 0.134 (3.5)
+    step_cost = 10.0
     Options = Options
     option_presets = PRESETS
     recipe = RECIPE

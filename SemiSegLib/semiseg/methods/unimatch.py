@@ -39,3 +39,6 @@ class UniMatch(WeakStrongMethod):
                                  0.95)
     strong_views = 2
     feature_stream = True
+    # weak + feature-stream pass, two strong passes and the mix batch's forward: `semiseg bench`, ACDC 128x128
+    # 4+4, bf16, 2 CPU threads: 0.302 s/it against Mean Teacher's 0.134 (3.5)
+    step_cost = 8.0
