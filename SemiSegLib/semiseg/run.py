@@ -158,10 +158,9 @@ def budget_recipe(cfg: TrainConfig, fixed: dict | None = None):
     machine = {**describe(), "threads": cfg.threads or torch.get_num_threads(), "gpu": "cuda" if gpu else ""}
     method = get_method(cfg.method)
     # a method without an unlabeled stream (supervised) neither pays for nor is given an unlabeled batch
-    unlabeled_batch = cfg.unlabeled_batch if method.uses_unlabeled else 0
     return short_budget_recipe(parse_duration(cfg.time_budget), machine, cfg.dim, tuple(cfg.patch_size),
-                               cfg.labeled_batch, unlabeled_batch, cfg.iterations, cfg.val_every,
-                               method.step_cost, fixed=fixed)
+                               cfg.labeled_batch, method.trained_unlabeled_batch(cfg.unlabeled_batch),
+                               cfg.iterations, cfg.val_every, method.step_cost, fixed=fixed)
 
 
 def _check(data: DataSplits, on_warning: Callable[[str], None] | None) -> DataSplits:

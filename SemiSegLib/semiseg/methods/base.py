@@ -55,6 +55,11 @@ class Method(nn.Module):
     # planner's speed estimate (planning/budget_recipe.py)
     step_cost: ClassVar[float] = 3.5
 
+    @classmethod
+    def trained_unlabeled_batch(cls, unlabeled_batch: int) -> int:
+        """The unlabeled batch a step draws: 0 for a method without an unlabeled stream, whatever is set."""
+        return unlabeled_batch if cls.uses_unlabeled else 0
+
     def __init__(self, student: nn.Module, options, ctx: MethodContext):
         super().__init__()
         self.student = student

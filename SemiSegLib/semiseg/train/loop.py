@@ -86,7 +86,7 @@ class Trainer:
         self.dist, device_name = D.setup(cfg.device)
         self.device = select_device(device_name)
         D.check_divisible(self.dist, cfg.labeled_batch,
-                          cfg.unlabeled_batch if get_method(cfg.method).uses_unlabeled else 0)
+                          get_method(cfg.method).trained_unlabeled_batch(cfg.unlabeled_batch))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed, cfg.deterministic)  # identical on every rank: identical initial weights
@@ -148,7 +148,7 @@ class Trainer:
         src_kw = {"rank": self.dist.rank, "world_size": self.dist.world_size} if self.dist.enabled else {}
         self.source = BatchSource(data.labeled, data.unlabeled if method_cls.uses_unlabeled else [], cfg.dim,
                                   tuple(cfg.patch_size), data.normalization, cfg.labeled_batch,
-                                  cfg.unlabeled_batch if method_cls.uses_unlabeled else 0, cfg.seed, self.device,
+                                  method_cls.trained_unlabeled_batch(cfg.unlabeled_batch), cfg.seed, self.device,
                                   method_cls.extra_unlabeled_streams, data_on_device=cfg.data_on_device,
                                   foreground_share=cfg.foreground_share, prefetch=cfg.prefetch, **src_kw)
         self.meta = {
