@@ -116,6 +116,9 @@ class CAML(Method):
                    "mutual consistency and omni-correlation consistency on a labeled-voxel memory; inference "
                    "= branch V (a plain V-Net). The memory bank lives on the training device (the reference's is on "
                    "the host: same semantics). The 2D UNet variant is SemiSeg's own extension.")
+    # two networks' passes plus the cross-sample attention: `semiseg bench`, ACDC 128x128 4+4, bf16, 2 CPU threads:
+    # 0.495 s/it against Mean Teacher's 0.141 (3.5); on LA (112x112x80, 2+2) 8.27 s/it against 2.35
+    step_cost = 12.0
     Options = Options
     option_presets = PRESETS
     reference = REFERENCE

@@ -74,6 +74,8 @@ class LCC(SeparationMethod):
     reference = REFERENCE
     recipe = SSNET_RECIPE  # [INF] the SS-Net training recipe for both datasets
     uses_teacher = True
+    # `semiseg bench`, ACDC 128x128 4+4, bf16, 2 CPU threads: 0.276 s/it against Mean Teacher's 0.141 (3.5)
+    step_cost = 7.0
 
     def low_confidence(self, teacher_probs: torch.Tensor, step: int) -> torch.Tensor:
         """(B, 1, *S) float mask, 1 = low confidence (takes part)."""
