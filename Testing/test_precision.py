@@ -128,7 +128,8 @@ def test_bf16_step_is_within_tolerance_of_fp32(tmp_path):
     assert (a - b).abs().max() < 0.05 * a.abs().max()
 
 
-def test_compile_keeps_checkpoint_keys_plain(tmp_path):
+def test_compile_keeps_checkpoint_keys_plain(tmp_path, monkeypatch):
+    monkeypatch.setattr("semiseg.train.loop.check_compiler", lambda device: None)  # nothing is compiled here
     run_cfg = resolve_config(TINY)
     plain = Trainer(run_cfg, tmp_path / "a", load_run_data(run_cfg))
     plain.setup()
@@ -139,6 +140,17 @@ def test_compile_keeps_checkpoint_keys_plain(tmp_path):
     keys = list(comp._model_payload(0, {})["model"])
     assert keys == list(plain._model_payload(0, {})["model"])
     assert not any("_orig_mod" in k for k in keys)
+
+
+def test_compile_on_a_cpu_without_a_cpp_compiler_stops_with_one_line(tmp_path, monkeypatch):
+    """Inductor looks for its C++ compiler by running it: a name that is not installed stands for a machine
+    without one, and setup stops with a SemiSegError (one line on the CLI) before any training."""
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("semiseg-test-no-such-cxx",))
+    run_cfg = resolve_config(dict(TINY, compile=True))
+    trainer = Trainer(run_cfg, tmp_path, load_run_data(run_cfg))
+    with pytest.raises(SemiSegError, match=r"--compile on the CPU needs a C\+\+ compiler"):
+        trainer.setup()
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
@@ -176,3 +188,34 @@ def test_in_place_activations_same_values_and_gradients_fewer_saved_bytes(dtype)
     assert torch.equal(y_a, y_b)
     assert all(torch.equal(a, b) for a, b in zip(g_a, g_b))
     assert bytes_a <= 0.9 * bytes_b
+
+
+def test_compiled_network_runs_its_stages_compiled_with_eager_values():
+    """A compiled UNet called the way UniMatch does (encode/decode on one batch, then the call on another,
+    one backward for both) trains as the eager network does: same loss, gradients and BatchNorm running
+    statistics up to rounding. With only the call compiled, the eager stages' BatchNorm saved running statistics
+    that the compiled call then bumped, and backward raised "modified by an inplace operation". The backend is
+    aot_eager: the version bump comes from AOT autograd's functionalised graph, which it runs, without the
+    minutes inductor takes to generate code on two cores."""
+    import copy
+    from semiseg.networks import build_network
+    torch.manual_seed(0)
+    eager = build_network("unet", in_channels=1, num_classes=3, channels=(4, 8, 8, 8, 8), dropout=(0.0,) * 5)
+    compiled = copy.deepcopy(eager)
+    compiled.compile(backend="aot_eager")
+    x1, x2 = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32)
+    results = {}
+    for name, net in (("eager", eager), ("compiled", compiled)):
+        net.train()
+        logits_1, _ = net.decode(net.encode(x1))
+        loss = logits_1.square().mean() + net(x2).sin().mean()
+        loss.backward()
+        results[name] = (loss.detach(), [p.grad for p in net.parameters()],
+                         [b.clone() for b in net.buffers() if b.is_floating_point()])
+    (loss_e, grads_e, stats_e), (loss_c, grads_c, stats_c) = results["eager"], results["compiled"]
+    assert compiled._compiled_stages and not eager._compiled_stages
+    assert loss_c == pytest.approx(loss_e.item(), rel=1e-4)
+    for g_e, g_c in zip(grads_e, grads_c):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-3, atol=1e-5)
+    for s_e, s_c in zip(stats_e, stats_c):
+        torch.testing.assert_close(s_c, s_e, rtol=1e-4, atol=1e-6)

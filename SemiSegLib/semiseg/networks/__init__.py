@@ -2,18 +2,18 @@
 
 Every network maps ``(B, in_channels, *spatial)`` to logits ``(B, num_classes, *spatial)`` and
 exposes ``encode`` / ``decode`` so methods can tap or perturb features:
-``forward(x, return_features=True)`` returns ``(logits, Features)``.
+``forward(x, return_features=True)`` returns ``(logits, Features)`` (``base.SegmentationNetwork``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import SemiSegError
+from .base import Features, SegmentationNetwork  # noqa: F401  (the contract every network follows)
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {}
 DOWNSAMPLINGS = 4                  # unet and vnet: 4 poolings
@@ -30,17 +30,6 @@ def register_network(name: str):
         NETWORKS[name] = cls
         return cls
     return wrap
-
-
-@dataclass
-class Features:
-    encoder: list[torch.Tensor] = field(default_factory=list)  # shallow to deep
-    decoder: list[torch.Tensor] = field(default_factory=list)  # deep to shallow, last = embedding
-
-    @property
-    def embedding(self) -> torch.Tensor:
-        """Last decoder feature before the output convolution (SS-Net's "embedding")."""
-        return self.decoder[-1]
 
 
 def build_network(name: str, **kwargs) -> nn.Module:

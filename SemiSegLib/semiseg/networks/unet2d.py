@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import Features, register_network
+from . import register_network
+from .base import SegmentationNetwork
 from .dropout import Dropout
 
 
@@ -66,7 +67,7 @@ class UpBlock(nn.Module):
 
 
 @register_network("unet")
-class UNet2D(nn.Module):
+class UNet2D(SegmentationNetwork):
     dim = 2
 
     def __init__(self, in_channels: int = 1, num_classes: int = 4, upsampling: str = "bilinear",
@@ -84,21 +85,16 @@ class UNet2D(nn.Module):
             for i in range(len(channels) - 1, 0, -1))
         self.out_conv = nn.Conv2d(channels[0], num_classes, 3, padding=1)
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
         for block in self.encoder:
             x = block(x)
             feats.append(x)
         return feats
 
-    def decode(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _decode(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x, decoded = feats[-1], []
         for block, skip in zip(self.decoder, reversed(feats[:-1])):
             x = block(x, skip)
             decoded.append(x)
         return self.out_conv(x), decoded
-
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        enc = self.encode(x)
-        logits, dec = self.decode(enc)
-        return (logits, Features(enc, dec)) if return_features else logits

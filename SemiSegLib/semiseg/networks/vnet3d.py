@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import Features, register_network
+from . import register_network
+from .base import SegmentationNetwork
 
 
 def conv_stage(n: int, cin: int, cout: int) -> nn.Sequential:
@@ -35,7 +36,7 @@ def up(cin: int, cout: int, mode: str) -> nn.Sequential:
 
 
 @register_network("vnet")
-class VNet3D(nn.Module):
+class VNet3D(SegmentationNetwork):
     dim = 3
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, n_filters: int = 16,
@@ -53,7 +54,7 @@ class VNet3D(nn.Module):
         self.dropout = nn.Dropout3d(dropout)
         self.out_conv = nn.Conv3d(f[0], num_classes, 1)
 
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
         for block in self.encoder:
             x = block(x)
@@ -61,15 +62,10 @@ class VNet3D(nn.Module):
         feats[-1] = self.dropout(feats[-1])
         return feats
 
-    def decode(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _decode(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x, decoded = feats[-1], []
         for upsample, stage, skip in zip(self.ups, self.stages, reversed(feats[:-1])):
             x = stage(upsample(x) + skip)
             decoded.append(x)
         decoded[-1] = self.dropout(decoded[-1])
         return self.out_conv(decoded[-1]), decoded
-
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        enc = self.encode(x)
-        logits, dec = self.decode(enc)
-        return (logits, Features(enc, dec)) if return_features else logits

@@ -33,6 +33,24 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_compiler(device: torch.device) -> None:
+    """``--compile`` on a CPU: torch.compile's code generator (inductor) builds C++ with the machine's compiler,
+    which Slicer's machines and most laptops lack; without one the first forward fails deep inside PyTorch.
+    Said in one line before training starts instead."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch without this helper: inductor reports for itself
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - InvalidCxxCompiler, or MSVC's checks on Windows
+        raise SemiSegError("--compile on the CPU needs a C++ compiler for torch.compile and none was found "
+                           "(install g++ or clang, or MSVC on Windows, or name one in CXX); or train without "
+                           "--compile") from e
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

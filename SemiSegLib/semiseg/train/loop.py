@@ -36,8 +36,8 @@ from ..networks import build_network, channels_last_format
 from ..schedules import ema_decay, learning_rate
 from . import distributed as D
 from .budget import TimeBudget, apply_plan, parse_duration, schedule_options
-from .device import (_channels_last, peak_memory_mb, resolve_precision, seed_everything,  # noqa: F401 (re-exported)
-                     select_device)
+from .device import (_channels_last, check_compiler, peak_memory_mb,  # noqa: F401 (re-exported)
+                     resolve_precision, seed_everything, select_device)
 
 EventHandler = Callable[[dict], None]
 
@@ -136,6 +136,7 @@ class Trainer:
             self.method.to(memory_format=self.memory_format)
         self.method.student = D.convert_sync_bn(self.method.student, self.dist, self.device, cfg.sync_bn)
         if cfg.compile:  # in place (nn.Module.compile): state_dict keys stay plain, checkpoints unchanged
+            check_compiler(self.device)
             self.method.student.compile()
         params = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
